@@ -1,0 +1,220 @@
+"""The geometry of one convolution, normalised from an ONNX ``Conv`` node.
+
+``ConvSpec`` is the one description every lowering reads. It resolves defaults and
+``auto_pad`` into explicit padding wherever the spatial sizes allow it, so lowerings never
+look at node attributes again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnx import NodeProto, helper
+
+AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
+
+
+class SpecError(ValueError):
+    """The node's attributes contradict its weight or the ONNX spec."""
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Geometry of one conv. Spatial tuples have one entry per spatial axis.
+
+    ``input_spatial`` holds ``None`` for a dimension that is not known statically.
+    ``pads`` is ``begins + ends`` as in ONNX, or ``None`` when ``auto_pad`` is SAME_* and
+    the padding depends on a spatial size that is only known at run time.
+    """
+
+    name: str
+    input: str
+    weight: str
+    bias: str | None
+    output: str
+    in_channels: int
+    out_channels: int
+    group: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...] | None
+    auto_pad: str
+    input_spatial: tuple[int | None, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel)
+
+    @property
+    def extents(self) -> tuple[int, ...]:
+        """Span of the dilated kernel minus one, per axis: ``(k - 1) * d``."""
+        return tuple((k - 1) * d for k, d in zip(self.kernel, self.dilations))
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.group
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.group
+
+    @property
+    def taps(self) -> int:
+        """Number of kernel offsets (product of the kernel shape)."""
+        n = 1
+        for k in self.kernel:
+            n *= k
+        return n
+
+    @property
+    def is_static(self) -> bool:
+        return all(s is not None for s in self.input_spatial) and self.pads is not None
+
+    def padded_spatial(self) -> tuple[int, ...] | None:
+        if not self.is_static:
+            return None
+        r = self.rank
+        return tuple(
+            s + self.pads[i] + self.pads[i + r] for i, s in enumerate(self.input_spatial)
+        )
+
+    def output_spatial(self) -> tuple[int | None, ...]:
+        """Output spatial sizes; ``None`` where not known statically."""
+        out: list[int | None] = []
+        for i, s in enumerate(self.input_spatial):
+            if s is None:
+                out.append(None)
+            elif self.pads is None:  # SAME_* with unknown pads can only be the dynamic case
+                out.append(-(-s // self.strides[i]))
+            else:
+                padded = s + self.pads[i] + self.pads[i + self.rank]
+                out.append((padded - self.extents[i] - 1) // self.strides[i] + 1)
+        return tuple(out)
+
+    def short(self) -> str:
+        """Compact geometry string for reports, e.g. ``k3x3 s2 d1 p1,1,1,1 g32``."""
+
+        def fmt(values: tuple[int, ...]) -> str:
+            return "x".join(str(v) for v in values)
+
+        pads = ",".join(str(p) for p in self.pads) if self.pads is not None else self.auto_pad
+        parts = [f"{self.in_channels}->{self.out_channels}", f"k{fmt(self.kernel)}"]
+        if any(s != 1 for s in self.strides):
+            parts.append(f"s{fmt(self.strides)}")
+        if any(d != 1 for d in self.dilations):
+            parts.append(f"d{fmt(self.dilations)}")
+        if self.pads is None or any(self.pads):
+            parts.append(f"p{pads}")
+        if self.group != 1:
+            parts.append(f"g{self.group}")
+        return " ".join(parts)
+
+
+def same_pads(size: int, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int]:
+    """(begin, end) padding of ``auto_pad=SAME_UPPER/SAME_LOWER`` for one axis."""
+    out = -(-size // stride)
+    total = max(0, (out - 1) * stride + (kernel - 1) * dilation + 1 - size)
+    small = total // 2
+    return (small, total - small) if upper else (total - small, small)
+
+
+def conv_spec(
+    node: NodeProto,
+    weight_shape: tuple[int, ...],
+    input_shape: tuple[int | None, ...] | None,
+) -> ConvSpec:
+    """Build the ``ConvSpec`` of a Conv node from its weight shape and (maybe) input shape.
+
+    ``input_shape`` is the full ``[N, C, spatial...]`` shape with ``None`` for unknown
+    dims, or ``None`` when even the rank is unknown (the weight gives the rank then).
+
+    Raises:
+        SpecError: when attributes contradict the weight or each other.
+    """
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if len(weight_shape) < 3:
+        raise SpecError(f"weight has rank {len(weight_shape)}, expected at least 3")
+    if any(d <= 0 for d in weight_shape):
+        raise SpecError(f"weight shape {list(weight_shape)} has an empty dimension")
+    rank = len(weight_shape) - 2
+    out_channels, in_per_group = weight_shape[0], weight_shape[1]
+    kernel = tuple(weight_shape[2:])
+
+    group = int(attrs.get("group", 1))
+    if group < 1 or out_channels % group:
+        raise SpecError(f"group={group} does not divide the {out_channels} output channels")
+    declared_kernel = attrs.get("kernel_shape")
+    if declared_kernel is not None and tuple(declared_kernel) != kernel:
+        raise SpecError(f"kernel_shape={list(declared_kernel)} contradicts weight {list(kernel)}")
+
+    strides = tuple(attrs.get("strides", [1] * rank))
+    dilations = tuple(attrs.get("dilations", [1] * rank))
+    if len(strides) != rank or min(strides) < 1:
+        raise SpecError(f"strides={list(strides)} invalid for a {rank}-D conv")
+    if len(dilations) != rank or min(dilations) < 1:
+        raise SpecError(f"dilations={list(dilations)} invalid for a {rank}-D conv")
+
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad not in AUTO_PADS:
+        raise SpecError(f"unknown auto_pad={auto_pad!r}")
+
+    if input_shape is not None and len(input_shape) != rank + 2:
+        raise SpecError(f"input has rank {len(input_shape)} but the weight is {rank}-D")
+    spatial: tuple[int | None, ...] = (
+        tuple(input_shape[2:]) if input_shape is not None else (None,) * rank
+    )
+    in_channels = in_per_group * group
+    if input_shape is not None and input_shape[1] is not None and input_shape[1] != in_channels:
+        raise SpecError(
+            f"input has {input_shape[1]} channels but weight and group={group} "
+            f"expect {in_channels}"
+        )
+
+    pads: tuple[int, ...] | None
+    if auto_pad == "NOTSET":
+        pads = tuple(attrs.get("pads", [0] * (2 * rank)))
+        if len(pads) != 2 * rank or min(pads) < 0:
+            raise SpecError(f"pads={list(pads)} invalid for a {rank}-D conv")
+    elif auto_pad == "VALID":
+        pads = (0,) * (2 * rank)
+    else:
+        pads = _resolve_same(spatial, kernel, strides, dilations, auto_pad == "SAME_UPPER")
+
+    spec = ConvSpec(
+        name=node.name,
+        input=node.input[0],
+        weight=node.input[1],
+        bias=node.input[2] if len(node.input) > 2 and node.input[2] else None,
+        output=node.output[0],
+        in_channels=in_channels,
+        out_channels=out_channels,
+        group=group,
+        kernel=kernel,
+        strides=strides,
+        dilations=dilations,
+        pads=pads,
+        auto_pad=auto_pad,
+        input_spatial=spatial,
+    )
+    for size in spec.output_spatial():
+        if size is not None and size < 1:
+            raise SpecError("the kernel is larger than the padded input")
+    return spec
+
+
+def _resolve_same(spatial, kernel, strides, dilations, upper) -> tuple[int, ...] | None:
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        if size is None:
+            if s != 1:
+                return None  # total padding depends on the run-time size
+            total = (k - 1) * d  # stride 1: independent of the size
+            small = total // 2
+            b, e = (small, total - small) if upper else (total - small, small)
+        else:
+            b, e = same_pads(size, k, s, d, upper)
+        begins.append(b)
+        ends.append(e)
+    return tuple(begins + ends)

@@ -1,0 +1,46 @@
+"""``fc``: a conv whose kernel covers its whole (padded) input is a Linear layer.
+
+Matches static spatial sizes with a 1x..x1 output and ``group == 1``. Emits: [Pad],
+[Slice when dilation or slack leaves pixels untouched], Reshape to ``[N, C*k...]``,
+MatMul with ``[C*k..., M]``, [Add], Reshape to ``[N, M, 1, ...]``. No Transposes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..conv import ConvSpec
+from ..emit import Emitter
+from .weights import flat_weight
+
+NAME = "fc"
+
+
+def applies(spec: ConvSpec) -> str | None:
+    if not spec.is_static:
+        return "spatial size is not static"
+    if spec.group != 1:
+        return f"grouped (group={spec.group})"
+    if any(o != 1 for o in spec.output_spatial()):
+        return "kernel does not cover the whole padded input"
+    return None
+
+
+def emit(spec: ConvSpec, weight: np.ndarray, bias: np.ndarray | None, em: Emitter) -> None:
+    r = spec.rank
+    x = spec.input
+    if any(spec.pads):
+        x = em.op("Pad", [x, em.ints("pads", [0, 0, *spec.pads[:r], 0, 0, *spec.pads[r:]])])
+    padded = spec.padded_spatial()
+    if any(p != e + 1 for p, e in zip(padded, spec.extents)) or any(
+            d != 1 for d in spec.dilations):
+        x = em.op("Slice", [x, em.ints("starts", [0] * r),
+                            em.ints("ends", [e + 1 for e in spec.extents]),
+                            em.ints("axes", list(range(2, r + 2))),
+                            em.ints("steps", spec.dilations)], "taps")
+    flat = em.op("Reshape", [x, em.ints("flat_shape", [0, -1])], "flatten")
+    y = em.op("MatMul", [flat, em.const("weight", flat_weight(weight))])
+    if bias is not None:
+        y = em.op("Add", [y, em.const("bias", bias)], "AddBias")
+    em.op("Reshape", [y, em.ints("out_shape", [0, spec.out_channels] + [1] * r)], "unflatten",
+          output=spec.output)
