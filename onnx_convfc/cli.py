@@ -61,7 +61,8 @@ def add_rewrite_options(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> RewriteOptions:
-    return RewriteOptions().updated(**{f.name: getattr(args, f.name) for f in fields(RewriteOptions)})
+    values = {f.name: getattr(args, f.name) for f in fields(RewriteOptions)}
+    return RewriteOptions().updated(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_rewrite_options(rw)
     rw.set_defaults(run=_rewrite)
 
-    ins = verbs.add_parser("inspect", help="print the plan, write nothing", description=INSPECT_HELP,
+    ins = verbs.add_parser("inspect", help="print the plan, write nothing",
+                           description=INSPECT_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ins.add_argument("model", help="input .onnx file")
     ins.add_argument("--report-json", metavar="FILE", help="write the plan as JSON")

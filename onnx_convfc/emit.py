@@ -42,7 +42,8 @@ class ConstantPool:
 
     def add(self, wanted: str, array: np.ndarray) -> str:
         array = np.ascontiguousarray(array)
-        key = (array.dtype.str, array.shape, hashlib.blake2b(array.tobytes(), digest_size=16).digest())
+        digest = hashlib.blake2b(array.tobytes(), digest_size=16).digest()
+        key = (array.dtype.str, array.shape, digest)
         if key in self._by_content:
             return self._by_content[key]
         name = self.names.take(wanted)

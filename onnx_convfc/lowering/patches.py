@@ -105,7 +105,8 @@ def _slices(spec: ConvSpec, em: Emitter, x: str, first_axis: int) -> str:
     for offset in itertools.product(*(range(k) for k in spec.kernel)):
         starts = [o * d for o, d in zip(offset, spec.dilations)]
         ends = [b - e if e > b else INT64_MAX for b, e in zip(starts, spec.extents)]
-        if not any(starts) and all(e == INT64_MAX for e in ends) and all(s == 1 for s in spec.strides):
+        whole = not any(starts) and all(e == INT64_MAX for e in ends)
+        if whole and all(s == 1 for s in spec.strides):
             pieces.append(x)
             continue
         tag = "x".join(str(o) for o in offset)
