@@ -13,14 +13,17 @@ from onnx import ModelProto
 
 from .io import InputError, load_model, save_model
 from .options import RewriteOptions
+from .parity import ParityReport, check_parity
 from .report import ConvRow, Report
 from .rewrite import rewrite
 
 __all__ = [
     "ConvRow",
     "InputError",
+    "ParityReport",
     "Report",
     "RewriteOptions",
+    "check_parity",
     "load_model",
     "rewrite_model",
     "save_model",

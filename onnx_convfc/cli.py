@@ -1,4 +1,4 @@
-"""Command line: ``onnx-convfc rewrite | inspect``.
+"""Command line: ``onnx-convfc rewrite | check | inspect``.
 
 This module only parses arguments and calls the public API; rewrite flags are generated
 from ``RewriteOptions`` so the CLI and the Python API take the same options.
@@ -7,15 +7,20 @@ from ``RewriteOptions`` so the CLI and the Python API take the same options.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from rich.console import Console
 
-from . import __version__, rewrite_model
-from .io import InputError, load_model, save_model
+from . import __version__, check_parity, rewrite_model
+from .bench import add_bench_args, bench_kwargs, bench_models
+from .explain import explain_model
+from .inputs import argtype
+from .io import InputError, load_model, read_model, save_model
 from .options import RewriteOptions
+from .parity import add_parity_args, parity_kwargs
 from .prepare import PrepareError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -25,6 +30,35 @@ REWRITE_HELP = """Rewrite every Conv of a model into MatMul (fully connected) fo
 example:
   onnx-convfc rewrite models/demo_cnn.onnx                 # writes models/demo_cnn.convfc.onnx
   onnx-convfc rewrite net.onnx -o net_fc.onnx --method im2col --skip 'head/*'
+  onnx-convfc rewrite det.onnx --verify --input-shape x:1x3x640x640 --providers cpu,cuda
+"""
+
+CHECK_HELP = """Run two models with onnxruntime on the same inputs and compare every output.
+
+Exit code 0 when parity holds, 1 when it fails, 2 on bad input.
+
+example:
+  onnx-convfc check net.onnx net.convfc.onnx --input-shape images:1x3x640x640
+  onnx-convfc check net.onnx net.convfc.onnx --per-node --atol logits:1e-3 --providers cpu,cuda
+  onnx-convfc check vad.onnx vad.convfc.onnx --input-value sr:16000 --inputs audio.npz
+"""
+
+BENCH_HELP = """Time two models with onnxruntime side by side: interleaved runs, medians, ratio.
+
+The ratio is rewritten / original, the median of per-round ratios, with its 25th-75th
+percentiles as the noise figure. Inputs and providers take the same options as check.
+
+example:
+  onnx-convfc bench net.onnx net.convfc.onnx --threads default,1 --repeats 50
+  onnx-convfc bench det.onnx det.convfc.onnx --input-shape x:1x3x640x640 --report-json b.json
+"""
+
+EXPLAIN_HELP = """Show a conv as the fully connected layer it is for a fixed input shape:
+the matrix's shape, bytes, non-zeros and density, and how they follow from the geometry.
+
+example:
+  onnx-convfc explain models/demo_cnn.onnx                      # list the convs
+  onnx-convfc explain models/demo_cnn.onnx --node NAME --png b.png --npz b.npz
 """
 
 INSPECT_HELP = """Print the plan for every conv (lowering or reason to skip); write nothing.
@@ -42,26 +76,30 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def add_rewrite_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``RewriteOptions`` field, help text taken from its metadata."""
+def add_rewrite_options(parser: argparse.ArgumentParser,
+                        names: tuple[str, ...] | None = None) -> None:
+    """One flag per ``RewriteOptions`` field (or per field in ``names``), help from metadata."""
     group = parser.add_argument_group("rewrite options")
     for f in fields(RewriteOptions):
+        if names is not None and f.name not in names:
+            continue
         meta = dict(f.metadata)
         flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
         parse = meta.pop("parse", None)
         kwargs = {"dest": f.name, **meta}
         if isinstance(f.default, tuple):
-            kwargs.update(action="append", default=[], type=parse or str)
+            kwargs.update(action="append", default=[], type=argtype(parse) if parse else str)
         else:
             kwargs.update(default=f.default if f.default is not MISSING else None)
             if parse:
-                kwargs["type"] = parse
+                kwargs["type"] = argtype(parse)
             kwargs["help"] = f"{kwargs['help']} (default: %(default)s)"
         group.add_argument(flag, **kwargs)
 
 
 def options_from_args(args: argparse.Namespace) -> RewriteOptions:
-    values = {f.name: getattr(args, f.name) for f in fields(RewriteOptions)}
+    values = {f.name: getattr(args, f.name) for f in fields(RewriteOptions)
+              if hasattr(args, f.name)}  # a verb may take only some of them
     return RewriteOptions().updated(**values)
 
 
@@ -77,10 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("model", help="input .onnx file")
     rw.add_argument("-o", "--output", help="output path (default: IN.convfc.onnx beside the input)")
     rw.add_argument("--inplace", action="store_true", help="replace the input file (atomically)")
-    rw.add_argument("--report-json", metavar="FILE", help="write the report as JSON")
+    rw.add_argument("--report-json", metavar="FILE",
+                    help="write the report as JSON (parity under 'parity' with --verify)")
     rw.add_argument("--quiet", action="store_true", help="print only the summary line")
+    rw.add_argument("--verify", action="store_true",
+                    help="after saving, check parity with the original (exit 1 on failure)")
     add_rewrite_options(rw)
+    add_parity_args(rw, input_shape=False)  # --input-shape is a rewrite option already
     rw.set_defaults(run=_rewrite)
+
+    chk = verbs.add_parser("check", help="compare two models' outputs with onnxruntime",
+                           description=CHECK_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    chk.add_argument("original", help="the reference .onnx model")
+    chk.add_argument("rewritten", help="the .onnx model to check against it")
+    chk.add_argument("--report-json", metavar="FILE", help="write the parity report as JSON")
+    add_parity_args(chk)
+    chk.set_defaults(run=_check)
 
     ins = verbs.add_parser("inspect", help="print the plan, write nothing",
                            description=INSPECT_HELP,
@@ -89,6 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--report-json", metavar="FILE", help="write the plan as JSON")
     add_rewrite_options(ins)
     ins.set_defaults(run=_inspect, quiet=False)
+
+    exp = verbs.add_parser("explain", help="show the dense (fully connected) matrix of a conv",
+                           description=EXPLAIN_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("model", help="input .onnx file")
+    exp.add_argument("--node", metavar="NAME", help="the conv to explain (default: list them all)")
+    exp.add_argument("--png", metavar="FILE", help="draw the matrix's structure (plot extra)")
+    exp.add_argument("--npz", metavar="FILE",
+                     help="export the matrix (scipy.sparse CSR when scipy is installed)")
+    add_rewrite_options(exp, names=("input_shapes", "max_dense_bytes"))
+    exp.set_defaults(run=_explain)
+
+    ben = verbs.add_parser("bench", help="onnxruntime latency of original vs rewritten",
+                           description=BENCH_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    ben.add_argument("original", help="the reference .onnx model")
+    ben.add_argument("rewritten", help="the .onnx model to time against it")
+    ben.add_argument("--report-json", metavar="FILE", help="write the timings as JSON")
+    add_bench_args(ben)
+    ben.set_defaults(run=_bench)
     return parser
 
 
@@ -120,11 +191,36 @@ def _output_path(args: argparse.Namespace) -> Path:
 def _rewrite(args: argparse.Namespace, console: Console) -> int:
     out = _output_path(args)
     options = options_from_args(args)
-    model, report = rewrite_model(load_model(args.model), options)
-    save_model(model, out)
-    _show(report, args, console)
+    loaded = read_model(args.model)
+    original = loaded.model
+    model, report = rewrite_model(original, options)
+    save_model(model, out, external_data=loaded.external_data)
+    parity = check_parity(original, model, **parity_kwargs(args)) if args.verify else None
+    _show(report, args, console, parity)
     if not args.quiet:
         console.print(f"wrote {out}")
+    return EXIT_FAILED if parity is not None and not parity.passed else EXIT_OK
+
+
+def _check(args: argparse.Namespace, console: Console) -> int:
+    parity = check_parity(args.original, args.rewritten, **parity_kwargs(args))
+    if args.report_json:
+        parity.write_json(args.report_json)
+    parity.render(console)
+    return EXIT_OK if parity.passed else EXIT_FAILED
+
+
+def _bench(args: argparse.Namespace, console: Console) -> int:
+    report = bench_models(args.original, args.rewritten, **bench_kwargs(args))
+    if args.report_json:
+        report.write_json(args.report_json)
+    report.render(console)
+    return EXIT_OK
+
+
+def _explain(args: argparse.Namespace, console: Console) -> int:
+    explain_model(load_model(args.model), options_from_args(args), console,
+                  node=args.node, png=args.png, npz=args.npz)
     return EXIT_OK
 
 
@@ -134,16 +230,24 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _show(report, args, console: Console) -> None:
+def _show(report, args, console: Console, parity=None) -> None:
+    """Print (and write as JSON) the rewrite report, with the parity report when verified."""
     if args.report_json:
         try:
-            report.write_json(args.report_json)
+            data = report.to_dict()
+            if parity is not None:
+                data["parity"] = parity.to_dict()
+            Path(args.report_json).write_text(json.dumps(data, indent=2) + "\n")
         except OSError as err:
             raise InputError(f"{args.report_json}: cannot write ({err.strerror})") from None
     if args.quiet:
         console.print(report.summary())
     else:
         report.render(console)
+    if parity is not None and args.quiet:
+        console.print(parity.summary())
+    elif parity is not None:
+        parity.render(console)
 
 
 if __name__ == "__main__":

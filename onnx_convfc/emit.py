@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
+from .options import RewriteOptions
+
 
 class NameScope:
     """Hands out names that collide with nothing already in the model."""
@@ -60,11 +62,13 @@ class ConstantPool:
 
 
 class Emitter:
-    """Builds the nodes that replace one conv."""
+    """Builds the nodes that replace one conv; ``options`` carries the flags that shape them."""
 
-    def __init__(self, prefix: str, pool: ConstantPool) -> None:
+    def __init__(self, prefix: str, pool: ConstantPool,
+                 options: RewriteOptions | None = None) -> None:
         self.prefix = f"{prefix}/convfc"
         self.pool = pool
+        self.options = options or RewriteOptions()
         self.nodes: list[NodeProto] = []
         self.const_bytes = 0
 

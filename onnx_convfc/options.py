@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-METHODS = ("auto", "pointwise", "fc", "im2col")
+METHODS = ("auto", "pointwise", "fc", "im2col", "dense")
+
+SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -25,11 +27,26 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def parse_bytes(text: str) -> int:
+    """``64MiB`` -> ``67108864``; also plain integers, ``kB``/``MB``/``GB`` and ``KiB``/``GiB``."""
+    number = text.strip().rstrip("bB")
+    digits = number.rstrip("kKmMgGiI")
+    unit = number[len(digits):].lower()
+    try:
+        value = float(digits) * SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"expected a size such as 64MiB or 1000000, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"negative size {text!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class RewriteOptions:
     method: str = field(default="auto", metadata={
         "help": "lowering for every conv: auto picks pointwise for 1x1 kernels, fc when the "
-                "kernel covers the whole padded input, im2col otherwise",
+                "kernel covers the whole padded input, im2col otherwise; dense is the exact "
+                "fully connected layer of a fixed input shape",
         "choices": METHODS})
     only: tuple[str, ...] = field(default=(), metadata={
         "help": "rewrite only convs whose node name matches this glob or whose lowering has "
@@ -41,10 +58,25 @@ class RewriteOptions:
         "flag": "--input-shape", "parse": parse_input_shape, "metavar": "NAME:DxD..",
         "help": "fix the shape of a graph input for shape inference, e.g. "
                 "images:1x3x640x640 (repeatable); symbolic dims stay symbolic otherwise"})
+    split_groups: bool = field(default=False, metadata={
+        "action": "store_true",
+        "help": "give grouped and depthwise convs one 2-D MatMul per group instead of one "
+                "batched 3-D MatMul, so MatMul-only quantizers (MatMulNBits, quantize_dynamic) "
+                "reach their weights too; more nodes, slower on onnxruntime"})
+    max_dense_bytes: int = field(default=64 * 2**20, metadata={
+        "parse": parse_bytes, "metavar": "SIZE",
+        "help": "largest matrix --method dense builds for one conv, e.g. 64MiB or 1GB; a "
+                "larger conv falls back to the auto choice"})
+    strict: bool = field(default=False, metadata={
+        "action": "store_true",
+        "help": "make it an error when --method cannot take a conv, instead of the fallback "
+                "(dense) or the skip (other methods)"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.max_dense_bytes < 0:
+            raise ValueError(f"max_dense_bytes must be >= 0, got {self.max_dense_bytes}")
 
     def updated(self, **overrides) -> RewriteOptions:
         unknown = set(overrides) - {f.name for f in fields(self)}

@@ -5,32 +5,79 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+import numpy as np
+
 from .conv import ConvSpec
-from .lowering import AUTO_ORDER, LOWERINGS
+from .lowering import AUTO_ORDER, LOWERINGS, dense
 from .options import RewriteOptions
+
+# Methods that hand a conv they cannot take to the auto choice instead of skipping it.
+FALLS_BACK = ("dense",)
+# Weight dtypes whose lowered form onnxruntime's CPU provider runs (measured, onnxruntime 1.32:
+# bfloat16 has no CPU MatMul, Gemm or Pad kernel, so its lowered form would not load).
+LOWERABLE_DTYPES = ("float32", "float16", "float64")
+
+
+class PlanError(ValueError):
+    """``--strict``: the requested method cannot take a conv."""
 
 
 @dataclass(frozen=True)
 class Decision:
     lowering: str | None
     reason: str | None = None
+    note: str | None = None  # why the requested method gave way to ``lowering``
 
 
-def choose(spec: ConvSpec, options: RewriteOptions) -> Decision:
+def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4) -> Decision:
+    """Pick the lowering of one conv; ``itemsize`` is its weight's, for the dense budget.
+
+    Raises:
+        PlanError: with ``--strict``, when ``--method`` cannot take a selected conv.
+    """
     if _matches(spec.name, None, options.skip):
         return Decision(None, "excluded by --skip")
+    note = None
     if options.method == "auto":
-        lowering = next(n for n in AUTO_ORDER if LOWERINGS[n].applies(spec) is None)
+        lowering = _auto(spec)
     else:
-        refusal = LOWERINGS[options.method].applies(spec)
+        refusal = _refusal(spec, options, itemsize)
         if refusal:
-            return Decision(None, f"{options.method} does not apply: {refusal}")
-        lowering = options.method
+            problem = f"{options.method} does not apply: {refusal}"
+            selected = not options.only or _matches(spec.name, options.method, options.only)
+            if options.strict and selected:
+                raise PlanError(f"conv '{spec.name}': {problem} (--strict)")
+            if options.method not in FALLS_BACK:
+                return Decision(None, problem)
+            lowering = _auto(spec)
+            note = f"{problem}; fell back to {lowering}"
+        else:
+            lowering = options.method
     if _matches(None, lowering, options.skip):
         return Decision(None, f"excluded by --skip {lowering}")
     if options.only and not _matches(spec.name, lowering, options.only):
         return Decision(None, "not selected by --only")
-    return Decision(lowering)
+    return Decision(lowering, note=note)
+
+
+def dtype_refusal(dtype) -> str | None:
+    """Why a conv with weights of ``dtype`` is left alone, or ``None`` when it can be lowered."""
+    name = np.dtype(dtype).name
+    if name in LOWERABLE_DTYPES:
+        return None
+    return (f"{name} weights: onnxruntime has no CPU MatMul/Pad kernel for {name}, "
+            "so the lowered form could not run")
+
+
+def _auto(spec: ConvSpec) -> str:
+    return next(n for n in AUTO_ORDER if LOWERINGS[n].applies(spec) is None)
+
+
+def _refusal(spec: ConvSpec, options: RewriteOptions, itemsize: int) -> str | None:
+    refusal = LOWERINGS[options.method].applies(spec)
+    if refusal is None and options.method == dense.NAME:
+        refusal = dense.over_budget(spec, itemsize, options.max_dense_bytes)
+    return refusal
 
 
 def _matches(node_name: str | None, lowering: str | None, patterns: tuple[str, ...]) -> bool:

@@ -1,13 +1,57 @@
-"""Make a loaded model ready for planning: opsets new enough for the nodes we emit."""
+"""Make a loaded model ready for planning, and say what was changed.
+
+In order:
+1. declared dims of -1 become unknown dims;
+2. initializers that are also listed as graph inputs become plain constants (old exporters
+   list every initializer as an input; IR 3 even requires it);
+3. conv weights and biases computed by constant subgraphs (``ConstantOfShape``, ``Cast``,
+   ``DequantizeLinear``, ``Reshape`` of initializers, ...) are evaluated and stored as
+   initializers. Only the cone feeding those inputs is evaluated, with onnx's reference
+   evaluator (onnxruntime where the reference lacks an op); its nodes are removed when nothing
+   else reads them. A weight that depends on a graph input stays as it is, and the rewrite
+   skips its conv;
+4. a default-domain opset older than the emitted nodes need is upgraded.
+"""
 
 from __future__ import annotations
 
-from onnx import ModelProto, version_converter
+from collections import ChainMap, Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+from onnx import (
+    AttributeProto,
+    FunctionProto,
+    GraphProto,
+    ModelProto,
+    NodeProto,
+    TensorProto,
+    helper,
+    numpy_helper,
+    version_converter,
+)
+from onnx.reference import ReferenceEvaluator
 
 from .options import RewriteOptions
 
 # Pad with a pads input (11) and Slice with starts/ends/axes/steps inputs (10).
 MIN_OPSET = 11
+# IR 4 is the first that lets an initializer stay out of the graph inputs.
+MIN_IR_WITHOUT_LISTED_INITIALIZERS = 4
+STANDARD_DOMAINS = ("", "ai.onnx")
+# The inputs, by index, of conv-like ops that hold weights: what folding looks at.
+WEIGHT_INPUTS: dict[str, dict[int, str]] = {
+    "Conv": {1: "weight", 2: "bias"},
+    "ConvTranspose": {1: "weight", 2: "bias"},
+    "ConvInteger": {1: "weight", 2: "x_zero_point", 3: "w_zero_point"},
+    "QLinearConv": {3: "weight", 4: "w_scale", 5: "w_zero_point", 8: "bias"},
+}
+RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+              "Multinomial", "Bernoulli"}
+
+Holder = Union[GraphProto, FunctionProto]
 
 
 class PrepareError(ValueError):
@@ -16,22 +60,330 @@ class PrepareError(ValueError):
 
 def default_opset(model: ModelProto) -> int:
     for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
+        if entry.domain in STANDARD_DOMAINS:
             return entry.version
     return 1
 
 
 def prepare_model(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, list[str]]:
     """Return a prepared copy of ``model`` and notes on what was changed."""
-    notes: list[str] = []
     copy = ModelProto()
     copy.CopyFrom(model)
-    opset = default_opset(copy)
-    if opset < MIN_OPSET:
-        try:
-            copy = version_converter.convert_version(copy, MIN_OPSET)
-        except Exception as err:  # noqa: BLE001 - the converter raises many error types
-            raise PrepareError(f"cannot upgrade opset {opset} to {MIN_OPSET}: {err}") from None
-        notes.append(f"upgraded the default-domain opset from {opset} to {MIN_OPSET} "
-                     "(the emitted Pad and Slice need it)")
+    ir = copy.ir_version
+    notes = unknown_negative_dims(copy)
+    notes += constants_from_inputs(copy)
+    notes += fold_weight_cones(copy)
+    notes += upgrade_opset(copy)
+    if copy.ir_version != ir:
+        notes.append(f"raised the IR version from {ir} to {copy.ir_version}, the lowest that "
+                     "allows the opset and unlisted initializers")
     return copy, notes
+
+
+def unknown_negative_dims(model: ModelProto) -> list[str]:
+    """Clear declared negative dims of the main graph's values, in place.
+
+    Some exporters (PaddlePaddle's, for one) write -1 for a dim they do not know; ONNX has no
+    negative sizes, and shape inference would carry the -1 into conv geometry.
+    """
+    cleared = []
+    graph = model.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if not value.type.HasField("tensor_type"):
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.ClearField("dim_value")
+                cleared.append(f"'{value.name}' axis {axis}")
+    if not cleared:
+        return []
+    return [f"{len(cleared)} declared dim(s) of -1 (e.g. {cleared[0]}) treated as unknown"]
+
+
+def constants_from_inputs(model: ModelProto) -> list[str]:
+    """Remove initializers from the main graph's inputs, so they are constants."""
+    graph = model.graph
+    initialized = {t.name for t in graph.initializer}
+    listed = [v.name for v in graph.input if v.name in initialized]
+    if not listed:
+        return []
+    kept = [v for v in graph.input if v.name not in initialized]
+    graph.ClearField("input")
+    graph.input.extend(kept)
+    if model.ir_version < MIN_IR_WITHOUT_LISTED_INITIALIZERS:
+        model.ir_version = MIN_IR_WITHOUT_LISTED_INITIALIZERS
+    return [f"{len(listed)} initializer(s) were also listed as graph inputs (e.g. "
+            f"'{listed[0]}'); treated them as constants and removed them from the inputs"]
+
+
+def upgrade_opset(model: ModelProto) -> list[str]:
+    """Convert a model whose default-domain opset is older than ``MIN_OPSET``, in place."""
+    opset = default_opset(model)
+    if opset >= MIN_OPSET:
+        return []
+    try:
+        converted = version_converter.convert_version(model, MIN_OPSET)
+    except Exception as err:  # noqa: BLE001 - the converter raises many error types
+        raise PrepareError(f"cannot upgrade opset {opset} to {MIN_OPSET}: "
+                           f"{str(err).strip().splitlines()[0]}") from None
+    model.CopyFrom(converted)
+    model.ir_version = max(model.ir_version,
+                           helper.find_min_ir_version_for(model.opset_import, True))
+    return [f"upgraded the default-domain opset from {opset} to {MIN_OPSET} "
+            "(the emitted Pad and Slice need it)"]
+
+
+@dataclass
+class _FoldStats:
+    folded: int = 0
+    removed: Counter = field(default_factory=Counter)
+    refused: list[str] = field(default_factory=list)
+
+
+class _Dynamic(Exception):
+    """A weight's cone reaches something that is not a constant; the message says what."""
+
+
+def fold_weight_cones(model: ModelProto) -> list[str]:
+    """Fold, in place, the constant subgraphs that compute conv weights into constants."""
+    stats = _FoldStats()
+    _fold_holder(model.graph, {}, list(model.opset_import), stats)
+    for function in model.functions:
+        _fold_holder(function, {}, list(function.opset_import), stats)
+    notes = []
+    if stats.folded:
+        removed = ", ".join(f"{n} {op}" for op, n in stats.removed.most_common())
+        notes.append(f"folded {stats.folded} conv weight/bias input(s) computed by constant "
+                     f"subgraphs into constants (removed {sum(stats.removed.values())} "
+                     f"node(s){': ' + removed if removed else ''})")
+    return notes + stats.refused
+
+
+def _fold_holder(holder: Holder, outer: Mapping[str, TensorProto], opsets: list,
+                 stats: _FoldStats) -> None:
+    """Fold the weight cones of one graph or function, then of the graphs nested in it."""
+    consts = ChainMap(_own_constants(holder), outer)
+    producers = {o: i for i, n in enumerate(holder.node) for o in n.output if o}
+    cones: dict[str, set[int]] = {}
+    for name, conv, role in _weight_inputs(holder.node):
+        if name in cones or name in consts or name not in producers:
+            continue
+        try:
+            cones[name] = _cone(name, producers, holder, consts)
+        except _Dynamic as why:
+            stats.refused.append(f"cannot fold the {role} '{name}' of conv '{conv}': {why}; "
+                                 "that conv stays as it is")
+    values = _evaluate(holder, cones, consts, opsets, stats)
+    if values:
+        _install(holder, values, cones, stats)
+    consts = ChainMap(_own_constants(holder), outer)
+    for node in holder.node:
+        for sub in _subgraphs(node):
+            _fold_holder(sub, consts, opsets, stats)
+
+
+def _weight_inputs(nodes) -> Iterator[tuple[str, str, str]]:
+    """(tensor name, conv name, role) of every weight input of conv-like nodes, nested too."""
+    for node in nodes:
+        roles = WEIGHT_INPUTS.get(node.op_type) if node.domain in STANDARD_DOMAINS else None
+        for index, role in (roles or {}).items():
+            if index < len(node.input) and node.input[index]:
+                yield node.input[index], node.name or node.output[0], role
+        for sub in _subgraphs(node):
+            yield from _weight_inputs(sub.node)
+
+
+def _cone(target: str, producers: dict[str, int], holder: Holder,
+          consts: Mapping[str, TensorProto]) -> set[int]:
+    """Indices of the nodes computing ``target`` from constants, or raise ``_Dynamic``."""
+    inputs = {v.name for v in holder.input} if isinstance(holder, GraphProto) else \
+        set(holder.input)
+    cone: set[int] = set()
+    stack, seen = [target], set()
+    while stack:
+        name = stack.pop()
+        if not name or name in seen or name in consts:
+            continue
+        seen.add(name)
+        if name in inputs:
+            raise _Dynamic(f"it depends on the graph input '{name}'")
+        if name not in producers:
+            raise _Dynamic(f"it depends on '{name}' of an enclosing graph, not a constant")
+        node = holder.node[producers[name]]
+        label = f"{node.op_type} '{node.name or node.output[0]}'"
+        if node.domain not in STANDARD_DOMAINS:
+            raise _Dynamic(f"it is computed by {label} of domain '{node.domain}'")
+        if node.op_type in RANDOM_OPS or any(True for _ in _subgraphs(node)):
+            raise _Dynamic(f"it is computed by {label}, which cannot be folded")
+        cone.add(producers[name])
+        stack.extend(node.input)
+    return cone
+
+
+def _evaluate(holder: Holder, cones: dict[str, set[int]], consts: Mapping[str, TensorProto],
+              opsets: list, stats: _FoldStats) -> dict[str, np.ndarray]:
+    """Values of the cone outputs: all at once, or one by one when that fails."""
+    if not cones:
+        return {}
+    try:
+        return _run_cones(holder, cones, consts, opsets)
+    except Exception:  # noqa: BLE001 - find out below which cone fails, and why
+        pass
+    values = {}
+    for name, cone in cones.items():
+        try:
+            values.update(_run_cones(holder, {name: cone}, consts, opsets))
+        except Exception as err:  # noqa: BLE001 - the reference evaluator raises anything
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            stats.refused.append(f"cannot fold '{name}': evaluating its constant subgraph "
+                                 f"failed ({reason}); that conv stays as it is")
+    return values
+
+
+def _run_cones(holder: Holder, cones: dict[str, set[int]], consts: Mapping[str, TensorProto],
+               opsets: list) -> dict[str, np.ndarray]:
+    nodes = [holder.node[i] for i in sorted(set().union(*cones.values()))]
+    leaves = sorted({i for n in nodes for i in n.input if i in consts})
+    graph = helper.make_graph(nodes, "weight_cones", [],
+                              [helper.make_empty_tensor_value_info(t) for t in cones],
+                              [_named(consts[name], name) for name in leaves])
+    model = helper.make_model(graph, opset_imports=opsets)
+    try:
+        results = ReferenceEvaluator(model).run(None, {})
+    except Exception:  # noqa: BLE001 - e.g. an op the reference lacks at this opset
+        results = _run_with_onnxruntime(model)
+    return {name: np.asarray(value) for name, value in zip(cones, results)}
+
+
+def _run_with_onnxruntime(model: ModelProto) -> list:
+    """onnxruntime knows every opset from 7 on, where the reference evaluator has gaps."""
+    import onnxruntime as ort
+
+    model.ir_version = max(MIN_IR_WITHOUT_LISTED_INITIALIZERS,
+                           helper.find_min_ir_version_for(model.opset_import, True))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {})
+
+
+def _install(holder: Holder, values: dict[str, np.ndarray], cones: dict[str, set[int]],
+             stats: _FoldStats) -> None:
+    """Store the folded values as constants and drop the cone nodes nothing else reads.
+
+    A folded tensor whose node must stay (another of its outputs is read) gets a new name,
+    and the convs read that instead.
+    """
+    candidates = set().union(*(cones[name] for name in values))
+    folded, renamed = set(values), set()
+    while True:
+        removed, keep_producing, used = _prune(holder, candidates, folded)
+        if not keep_producing:
+            break
+        folded -= keep_producing
+        renamed |= keep_producing
+    own_leaves = {i for k in removed for i in holder.node[k].input} - used
+    removed |= {k for k, n in enumerate(holder.node)
+                if n.op_type == "Constant" and n.output[0] in own_leaves}
+    stats.removed.update(holder.node[k].op_type for k in removed)
+    stats.folded += len(values)
+    names = {name: name for name in folded}
+    taken = {o for n in holder.node for o in n.output} | used
+    for name in sorted(renamed):
+        names[name] = _fresh(f"{name}/folded", taken)
+        _rename_weight_inputs(holder.node, name, names[name])
+    tensors = [numpy_helper.from_array(values[name], new) for name, new in sorted(names.items())]
+    for k in sorted(removed, reverse=True):
+        del holder.node[k]
+    if isinstance(holder, GraphProto):
+        stale = [k for k, t in enumerate(holder.initializer) if t.name in own_leaves]
+        for k in reversed(stale):
+            del holder.initializer[k]
+        holder.initializer.extend(tensors)
+    else:
+        kept = list(holder.node)
+        holder.ClearField("node")
+        holder.node.extend([helper.make_node("Constant", [], [t.name], value=t)
+                            for t in tensors] + kept)
+
+
+def _fresh(wanted: str, taken: set[str]) -> str:
+    name, n = wanted, 1
+    while name in taken:
+        name, n = f"{wanted}_{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def _rename_weight_inputs(nodes, old: str, new: str) -> None:
+    """Make the weight inputs of conv-like nodes (nested ones too) read ``new``, not ``old``."""
+    for node in nodes:
+        roles = WEIGHT_INPUTS.get(node.op_type) if node.domain in STANDARD_DOMAINS else None
+        for index in roles or ():
+            if index < len(node.input) and node.input[index] == old:
+                node.input[index] = new
+        for sub in _subgraphs(node):
+            _rename_weight_inputs(sub.node, old, new)
+
+
+def _prune(holder: Holder, candidates: set[int], folded: set[str]
+           ) -> tuple[set[int], set[str], set[str]]:
+    """Which candidate nodes nothing reads any more (with ``folded`` now constants).
+
+    Returns the removable node indices, the folded names whose producer must stay, and the
+    names read once those nodes are gone.
+    """
+    outputs = holder.output if isinstance(holder, FunctionProto) else \
+        [v.name for v in holder.output]
+    used = set(outputs)
+    for k, node in enumerate(holder.node):
+        if k not in candidates:
+            used |= _reads(node)
+    removable, keep_producing = set(), set()
+    for k in sorted(candidates, reverse=True):
+        node = holder.node[k]
+        if any(o in used and o not in folded for o in node.output if o):
+            used |= _reads(node)
+            keep_producing |= folded.intersection(node.output)
+        else:
+            removable.add(k)
+    return removable, keep_producing, used
+
+
+def _reads(node: NodeProto) -> set[str]:
+    """Names a node reads, including those read from inside its subgraphs."""
+    names = set(node.input)
+    for sub in _subgraphs(node):
+        for inner in sub.node:
+            names |= _reads(inner)
+        names.update(v.name for v in sub.output)
+    return names
+
+
+def _own_constants(holder: Holder) -> dict[str, TensorProto]:
+    """Initializers (graphs only) and ``Constant`` nodes holding a tensor."""
+    found = {t.name: t for t in holder.initializer} if isinstance(holder, GraphProto) else {}
+    for node in holder.node:
+        if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == AttributeProto.TENSOR:
+                    found[node.output[0]] = attr.t
+    return found
+
+
+def _named(tensor: TensorProto, name: str) -> TensorProto:
+    """``tensor`` itself, or a copy named ``name`` (a ``Constant``'s tensor has its own name)."""
+    if tensor.name == name:
+        return tensor
+    copy = TensorProto()
+    copy.CopyFrom(tensor)
+    copy.name = name
+    return copy
+
+
+def _subgraphs(node: NodeProto) -> Iterator[GraphProto]:
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            yield attr.g
+        yield from attr.graphs

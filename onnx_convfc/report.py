@@ -20,6 +20,7 @@ class ConvRow:
     reason: str | None
     weight_bytes_before: int
     weight_bytes_after: int
+    note: str | None = None  # why the lowering differs from the requested --method
 
 
 @dataclass
@@ -67,10 +68,15 @@ class Report:
         for r in self.rows:
             where = r.node if r.scope == "main" else f"{r.node} [{r.scope}]"
             verdict = r.lowering if r.lowering else f"skipped: {r.reason}"
+            if r.note:
+                verdict += " (fallback)"
             table.add_row(where, r.op_type, r.geometry, verdict, _size(r.weight_bytes_before),
                           _size(r.weight_bytes_after) if r.lowering else "-")
         if self.rows:
             console.print(table)
+        for r in self.rows:
+            if r.note:
+                console.print(f"fallback: {r.node}: {r.note}", highlight=False)
         for note in self.notes:
             console.print(f"note: {note}", highlight=False)
         console.print(self.summary(), highlight=False)

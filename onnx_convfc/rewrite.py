@@ -20,7 +20,7 @@ from .conv import SpecError, conv_spec
 from .emit import ConstantPool, Emitter, NameScope
 from .lowering import LOWERINGS
 from .options import RewriteOptions
-from .plan import choose
+from .plan import choose, dtype_refusal
 from .prepare import prepare_model
 from .report import ConvRow, Report
 
@@ -111,15 +111,18 @@ def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: 
         return skip(f"bias shape {list(bias.shape)} is not [{spec.out_channels}]")
     spec = replace(spec, name=name)
     row["geometry"] = spec.short()
-    decision = choose(spec, ctx.options)
+    refusal = dtype_refusal(weight.dtype)
+    if refusal:
+        return skip(refusal)
+    decision = choose(spec, ctx.options, weight.dtype.itemsize)
     if decision.lowering is None:
         return skip(decision.reason)
 
-    em = Emitter(name, pool)
+    em = Emitter(name, pool, ctx.options)
     LOWERINGS[decision.lowering].emit(spec, weight, bias, em)
     row["lowering"] = decision.lowering
     row["weight_bytes_after"] = em.const_bytes
-    ctx.report.rows.append(ConvRow(reason=None, **row))
+    ctx.report.rows.append(ConvRow(reason=None, note=decision.note, **row))
     ctx.replaced_inputs.update(node.input[1:])
     return em.nodes
 

@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-from . import fc, im2col, pointwise
+from . import dense, fc, im2col, pointwise
 
-LOWERINGS = {m.NAME: m for m in (pointwise, fc, im2col)}
+LOWERINGS = {m.NAME: m for m in (pointwise, fc, im2col, dense)}
 
-# What ``--method auto`` tries, cheapest first; im2col takes every conv.
+# What ``--method auto`` tries, cheapest first; im2col takes every conv. ``dense`` is only
+# used when asked for: its matrix grows with the square of the feature-map size.
 AUTO_ORDER = ("pointwise", "fc", "im2col")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..conv import ConvSpec
+
 
 def patch_weight(weight: np.ndarray, group: int) -> np.ndarray:
     """Weight for channels-last patches ordered (kernel offset, channel).
@@ -32,3 +34,55 @@ def flat_weight(weight: np.ndarray) -> np.ndarray:
     m = weight.shape[0]
     return np.ascontiguousarray(weight.reshape(m, -1).T)
 
+
+def tap_inputs(spec: ConvSpec) -> list[np.ndarray]:
+    """Per spatial axis, the input index each (kernel offset, output position) reads.
+
+    Axis ``d`` gives a ``[kernel_d, out_d]`` int64 array; ``-1`` marks a tap that lands in
+    the zero padding and so carries no weight. Needs a static ``spec``.
+    """
+    out = spec.output_spatial()
+    r = spec.rank
+    found = []
+    for d in range(r):
+        taps = np.arange(spec.kernel[d])[:, None] * spec.dilations[d]
+        index = np.arange(out[d])[None, :] * spec.strides[d] + taps - spec.pads[d]
+        found.append(np.where((index >= 0) & (index < spec.input_spatial[d]), index, -1))
+    return found
+
+
+def dense_matrix(weight: np.ndarray, spec: ConvSpec) -> np.ndarray:
+    """The conv as one fully connected layer: ``B`` of ``y.flat = x.flat @ B`` per sample.
+
+    Rows are input values in ``[C, spatial...]`` order, columns output values in
+    ``[M, out_spatial...]`` order, so ``B`` is ``[C*prod(spatial), M*prod(out_spatial)]``.
+    The kernel is scattered in one vectorised assignment: every in-bounds
+    (kernel offset, output position) pair gets the ``[C/g, M/g]`` weight block of that offset
+    in every group. Pairs never collide (an input and an output fix the offset), so plain
+    assignment is exact.
+    """
+    g, cg, mg = spec.group, spec.in_per_group, spec.out_per_group
+    tap, rows, cols = _in_bounds_pairs(spec)
+    n_in, n_out = int(np.prod(spec.input_spatial)), int(np.prod(spec.output_spatial()))
+    matrix = np.zeros((g, cg, n_in, g, mg, n_out), dtype=weight.dtype)
+    blocks = weight.reshape(g, mg, cg, spec.taps).transpose(0, 3, 2, 1)  # [g, taps, Cg, Mg]
+    group = np.arange(g)[:, None]
+    matrix[group, :, rows, group, :, cols] = blocks[:, tap]
+    return matrix.reshape(spec.in_channels * n_in, spec.out_channels * n_out)
+
+
+def _in_bounds_pairs(spec: ConvSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat (kernel offset, input position, output position) of every tap off the padding."""
+    r = spec.rank
+    in_flat = np.zeros((1,) * (2 * r), dtype=np.int64)
+    valid = np.ones((1,) * (2 * r), dtype=bool)
+    # Broadcast the per-axis tables to [k_1..k_r, o_1..o_r].
+    for d, index in enumerate(tap_inputs(spec)):
+        shape = [1] * (2 * r)
+        shape[d], shape[r + d] = index.shape
+        index = index.reshape(shape)
+        in_flat = in_flat * spec.input_spatial[d] + index
+        valid = valid & (index >= 0)
+    in_flat, valid = np.broadcast_arrays(in_flat, valid)
+    tap, out_flat = np.nonzero(valid.reshape(spec.taps, -1))
+    return tap, in_flat.reshape(spec.taps, -1)[tap, out_flat], out_flat

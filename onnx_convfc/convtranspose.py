@@ -1,0 +1,240 @@
+"""The geometry of one transposed convolution, normalised from an ONNX ``ConvTranspose`` node.
+
+``ConvTransposeSpec`` resolves ``auto_pad``, ``output_shape`` and ``output_padding`` into
+explicit pads the way onnxruntime (1.32) does: a total padding computed from ``output_shape``
+or ``SAME_*`` is clamped at zero, and an odd total puts the extra element at the end for
+``SAME_UPPER`` and at the start otherwise, as the ONNX text says. An ``output_shape`` up to
+``stride - 1`` beyond the natural size is accepted; the extra positions get the bias only.
+
+Along one axis the transposed conv writes input ``i`` through kernel offset ``k`` to output
+``i*s + k*d - pad_begin``; ``output_padding`` and an ``output_shape`` larger than the natural
+size extend the end with positions that receive the bias only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnx import NodeProto, helper
+
+from .conv import AUTO_PADS, SpecError
+
+
+@dataclass(frozen=True)
+class ConvTransposeSpec:
+    """Geometry of one ConvTranspose. Spatial tuples have one entry per spatial axis.
+
+    ``in_channels`` is C (the weight is ``[C, M/group, k...]``), ``out_channels`` is M.
+    ``pads`` is ``begins + ends``, or ``None`` when ``output_shape`` fixes the output size
+    while an input size is only known at run time (the pads would depend on it).
+    ``output_shape`` holds the spatial sizes the attribute demands, if it is set.
+    """
+
+    name: str
+    input: str
+    weight: str
+    bias: str | None
+    output: str
+    in_channels: int
+    out_channels: int
+    group: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...] | None
+    output_padding: tuple[int, ...]
+    output_shape: tuple[int, ...] | None
+    auto_pad: str
+    input_spatial: tuple[int | None, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel)
+
+    @property
+    def spans(self) -> tuple[int, ...]:
+        """Reach of the dilated kernel per axis: ``(k - 1) * d + 1``."""
+        return tuple((k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations))
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.group
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.group
+
+    @property
+    def is_static(self) -> bool:
+        return all(s is not None for s in self.input_spatial) and self.pads is not None
+
+    def output_spatial(self) -> tuple[int | None, ...]:
+        """Output spatial sizes; ``None`` where not known statically."""
+        if self.output_shape is not None:
+            return self.output_shape
+        r = self.rank
+        return tuple(
+            None if size is None else
+            (size - 1) * s + op + span - self.pads[i] - self.pads[i + r]
+            for i, (size, s, op, span) in enumerate(
+                zip(self.input_spatial, self.strides, self.output_padding, self.spans)))
+
+    def window_ends(self) -> tuple[int, ...]:
+        """Per axis, where the output window ends relative to ``input_size * stride``.
+
+        The output is positions ``[pad_begin, pad_begin + out)`` of the uncropped result,
+        and ``pad_begin + out = input_size * stride + window_end`` for every input size.
+        """
+        r = self.rank
+        if self.output_shape is not None:  # is_static holds: the pads came from the sizes
+            return tuple(self.pads[i] + out - size * s for i, (out, size, s) in enumerate(
+                zip(self.output_shape, self.input_spatial, self.strides)))
+        return tuple(op + span - s - self.pads[i + r] for i, (op, span, s) in enumerate(
+            zip(self.output_padding, self.spans, self.strides)))
+
+    def short(self) -> str:
+        """Compact geometry string for reports, e.g. ``64->32 k2x2 s2x2 g1``."""
+
+        def fmt(values: tuple[int, ...]) -> str:
+            return "x".join(str(v) for v in values)
+
+        parts = [f"{self.in_channels}->{self.out_channels}", f"k{fmt(self.kernel)}"]
+        if any(s != 1 for s in self.strides):
+            parts.append(f"s{fmt(self.strides)}")
+        if any(d != 1 for d in self.dilations):
+            parts.append(f"d{fmt(self.dilations)}")
+        if self.pads is None:
+            parts.append("p?")
+        elif any(self.pads):
+            parts.append("p" + ",".join(str(p) for p in self.pads))
+        if any(self.output_padding):
+            parts.append(f"op{fmt(self.output_padding)}")
+        if self.output_shape is not None:
+            parts.append(f"out{fmt(self.output_shape)}")
+        if self.group != 1:
+            parts.append(f"g{self.group}")
+        return " ".join(parts)
+
+
+def conv_transpose_spec(
+    node: NodeProto,
+    weight_shape: tuple[int, ...],
+    input_shape: tuple[int | None, ...] | None,
+) -> ConvTransposeSpec:
+    """Build the ``ConvTransposeSpec`` of a ConvTranspose node.
+
+    ``input_shape`` is ``[N, C, spatial...]`` with ``None`` for unknown dims, or ``None``.
+
+    Raises:
+        SpecError: when attributes contradict the weight or each other.
+    """
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if len(weight_shape) < 3:
+        raise SpecError(f"weight has rank {len(weight_shape)}, expected at least 3")
+    if any(d <= 0 for d in weight_shape):
+        raise SpecError(f"weight shape {list(weight_shape)} has an empty dimension")
+    rank = len(weight_shape) - 2
+    in_channels, out_per_group = weight_shape[0], weight_shape[1]
+    kernel = tuple(weight_shape[2:])
+
+    group = int(attrs.get("group", 1))
+    if group < 1 or in_channels % group:
+        raise SpecError(f"group={group} does not divide the {in_channels} input channels")
+    declared_kernel = attrs.get("kernel_shape")
+    if declared_kernel is not None and tuple(declared_kernel) != kernel:
+        raise SpecError(f"kernel_shape={list(declared_kernel)} contradicts weight {list(kernel)}")
+    strides = _ints(attrs, "strides", rank, 1, minimum=1)
+    dilations = _ints(attrs, "dilations", rank, 1, minimum=1)
+    output_padding = _ints(attrs, "output_padding", rank, 0, minimum=0)
+
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad not in AUTO_PADS:
+        raise SpecError(f"unknown auto_pad={auto_pad!r}")
+
+    if input_shape is not None and len(input_shape) != rank + 2:
+        raise SpecError(f"input has rank {len(input_shape)} but the weight is {rank}-D")
+    spatial = tuple(input_shape[2:]) if input_shape is not None else (None,) * rank
+    if input_shape is not None and input_shape[1] not in (None, in_channels):
+        raise SpecError(f"input has {input_shape[1]} channels but the weight expects "
+                        f"{in_channels}")
+
+    output_shape = _output_shape(attrs, rank)
+    spans = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
+    pads: tuple[int, ...] | None
+    if output_shape is not None:
+        pads = None
+        if all(s is not None for s in spatial):
+            totals = [(size - 1) * s + op + span - out for size, s, op, span, out in
+                      zip(spatial, strides, output_padding, spans, output_shape)]
+            for size, s, span, out, total in zip(spatial, strides, spans, output_shape, totals):
+                if total < 0 and (out - span) // s + 1 != size:
+                    raise SpecError(f"output_shape={list(output_shape)} is inconsistent with "
+                                    f"the input size {list(spatial)}")
+            pads = _split(totals, auto_pad)
+    elif auto_pad.startswith("SAME"):
+        # output = input * stride, so the total does not depend on the input size
+        pads = _split([op + span - s for op, span, s in zip(output_padding, spans, strides)],
+                      auto_pad)
+    elif auto_pad == "VALID":
+        pads = (0,) * (2 * rank)
+    else:
+        pads = tuple(attrs.get("pads", [0] * (2 * rank)))
+        if len(pads) != 2 * rank or min(pads) < 0:
+            raise SpecError(f"pads={list(pads)} invalid for a {rank}-D ConvTranspose")
+
+    spec = ConvTransposeSpec(
+        name=node.name,
+        input=node.input[0],
+        weight=node.input[1],
+        bias=node.input[2] if len(node.input) > 2 and node.input[2] else None,
+        output=node.output[0],
+        in_channels=in_channels,
+        out_channels=out_per_group * group,
+        group=group,
+        kernel=kernel,
+        strides=strides,
+        dilations=dilations,
+        pads=pads,
+        output_padding=output_padding,
+        output_shape=output_shape,
+        auto_pad=auto_pad,
+        input_spatial=spatial,
+    )
+    for size in spec.output_spatial():
+        if size is not None and size < 1:
+            raise SpecError("the pads leave no output")
+    return spec
+
+
+def _ints(attrs: dict, name: str, rank: int, default: int, minimum: int) -> tuple[int, ...]:
+    values = tuple(int(v) for v in attrs.get(name, [default] * rank))
+    if len(values) != rank or min(values) < minimum:
+        raise SpecError(f"{name}={list(values)} invalid for a {rank}-D ConvTranspose")
+    return values
+
+
+def _output_shape(attrs: dict, rank: int) -> tuple[int, ...] | None:
+    """The spatial part of ``output_shape``; onnxruntime also accepts it with N and C."""
+    values = attrs.get("output_shape")
+    if not values:
+        return None
+    values = tuple(int(v) for v in values)
+    if len(values) == rank + 2:
+        values = values[2:]
+    if len(values) != rank or min(values) < 1:
+        raise SpecError(f"output_shape={list(attrs['output_shape'])} invalid for a "
+                        f"{rank}-D ConvTranspose")
+    return values
+
+
+def _split(totals: list[int], auto_pad: str) -> tuple[int, ...]:
+    """Begins + ends of clamped total paddings, split as onnxruntime splits them."""
+    begins, ends = [], []
+    for total in totals:
+        total = max(0, total)
+        small = total // 2
+        begin = small if auto_pad == "SAME_UPPER" else total - small
+        begins.append(begin)
+        ends.append(total - begin)
+    return tuple(begins + ends)

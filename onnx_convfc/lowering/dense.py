@@ -1,0 +1,61 @@
+"""``dense``: the exact fully connected equivalent of a conv, for a fixed input shape.
+
+Matches convs with static spatial sizes (every stride, dilation, pad, ``auto_pad``, group and
+depthwise); the batch dim may stay dynamic. The caller also checks ``over_budget``, since the
+matrix grows with the square of the feature-map size. Emits: Reshape to ``[N, C*prod(in)]``,
+MatMul with the precomputed ``[C*prod(in), M*prod(out)]`` matrix, [Add of the bias repeated
+per output position], Reshape to ``[N, M, out...]``. No Transposes, no Pad, no Slice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..conv import ConvSpec
+from ..emit import Emitter
+from .weights import dense_matrix
+
+NAME = "dense"
+
+
+def applies(spec: ConvSpec) -> str | None:
+    if not spec.is_static:
+        return "spatial size is not static"
+    return None
+
+
+def matrix_shape(spec: ConvSpec) -> tuple[int, int]:
+    """``(C*prod(in), M*prod(out))`` of a static conv."""
+    return (spec.in_channels * int(np.prod(spec.input_spatial)),
+            spec.out_channels * int(np.prod(spec.output_spatial())))
+
+
+def over_budget(spec: ConvSpec, itemsize: int, max_bytes: int) -> str | None:
+    """The reason the matrix of a static conv is too large, or ``None`` when it fits."""
+    rows, cols = matrix_shape(spec)
+    size = rows * cols * itemsize
+    if size <= max_bytes:
+        return None
+    return (f"matrix [{rows}, {cols}] needs {size_text(size)}, "
+            f"over --max-dense-bytes {size_text(max_bytes)}")
+
+
+def size_text(n: int) -> str:
+    """``67108864`` -> ``64.0 MiB``; small sizes in KiB or B."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def emit(spec: ConvSpec, weight: np.ndarray, bias: np.ndarray | None, em: Emitter) -> None:
+    out = spec.output_spatial()
+    matrix = dense_matrix(weight, spec)
+    # [-1, K], not [0, -1]: Reshape cannot resolve -1 for an empty batch
+    flat = em.op("Reshape", [spec.input, em.ints("flat_shape", [-1, matrix.shape[0]])], "flatten")
+    y = em.op("MatMul", [flat, em.const("weight", matrix)])
+    if bias is not None:
+        per_position = np.repeat(bias, int(np.prod(out)))
+        y = em.op("Add", [y, em.const("bias", per_position)], "AddBias")
+    em.op("Reshape", [y, em.ints("out_shape", [0, spec.out_channels, *out])], "unflatten",
+          output=spec.output)

@@ -1,0 +1,150 @@
+"""Shared test helpers, given to tests as fixtures: a numpy reference convolution and the
+checks every rewritten model must pass."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+
+
+def onnx_same_pads(size: int, kernel: int, stride: int, dilation: int,
+                   upper: bool) -> tuple[int, int]:
+    """(begin, end) of ``auto_pad=SAME_*`` as the ONNX Conv spec words it."""
+    out = -(-size // stride)
+    total = max(0, (out - 1) * stride + (kernel - 1) * dilation + 1 - size)
+    odd = total % 2
+    half = total // 2
+    return (half, half + odd) if upper else (half + odd, half)
+
+
+def resolve_pads(spatial, kernel, strides, dilations, pads=None,
+                 auto_pad: str = "NOTSET") -> list[int]:
+    """Explicit ``begins + ends`` for a conv at one input size."""
+    r = len(kernel)
+    if auto_pad == "VALID":
+        return [0] * (2 * r)
+    if auto_pad.startswith("SAME"):
+        pairs = [onnx_same_pads(s, k, st, d, auto_pad == "SAME_UPPER")
+                 for s, k, st, d in zip(spatial, kernel, strides, dilations)]
+        return [p[0] for p in pairs] + [p[1] for p in pairs]
+    return list(pads) if pads is not None else [0] * (2 * r)
+
+
+def conv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, strides, dilations,
+                   pads, group: int) -> np.ndarray:
+    """ONNX Conv in float64 numpy: one einsum per kernel offset (vectorised over positions)."""
+    r = w.ndim - 2
+    x = np.pad(x.astype(np.float64),
+               [(0, 0), (0, 0)] + [(pads[i], pads[i + r]) for i in range(r)])
+    n, c = x.shape[:2]
+    m, c_g = w.shape[:2]
+    kernel = w.shape[2:]
+    out = [(x.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+           for i in range(r)]
+    xg = x.reshape(n, group, c_g, *x.shape[2:])
+    wg = w.astype(np.float64).reshape(group, m // group, c_g, *kernel)
+    y = np.zeros((n, group, m // group, *out))
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        window = tuple(slice(o * d, o * d + (size - 1) * s + 1, s)
+                       for o, d, s, size in zip(offset, dilations, strides, out))
+        y += np.einsum("ngc...,gmc->ngm...", xg[(slice(None),) * 3 + window],
+                       wg[(slice(None),) * 3 + offset])
+    y = y.reshape(n, m, *out)
+    if b is not None:
+        y += b.astype(np.float64).reshape(1, m, *[1] * r)
+    return y
+
+
+def assert_close(out: np.ndarray, ref: np.ndarray, rel: float, what: str = "") -> None:
+    """``max|out - ref| <= rel * max(1, max|ref|)``, with the numbers in the message."""
+    assert out.shape == ref.shape, f"{what}: shape {out.shape} != reference {ref.shape}"
+    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+    err = float(np.abs(out.astype(np.float64) - ref.astype(np.float64)).max(initial=0.0))
+    assert err <= rel * scale, f"{what}: max_abs={err:.3g} > {rel:g} * scale {scale:.3g}"
+
+
+def _conv_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == "Conv"]
+
+
+def check_rewritten(original: onnx.ModelProto, rewritten: onnx.ModelProto, report,
+                    lowered: bool = True) -> None:
+    """What must hold for any rewrite of a main-graph-only model.
+
+    ``lowered``: every conv was expected to be rewritten (else none was).
+    """
+    onnx.checker.check_model(rewritten, full_check=True)
+    convs = _conv_nodes(original)
+    assert len(report.rows) == len(convs)
+    assert all(bool(r.lowering) == lowered for r in report.rows), [r.reason for r in report.rows]
+    left = _conv_nodes(rewritten)
+    assert len(left) == (0 if lowered else len(convs))
+
+    # nothing outside the convs changes
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version",
+                  "doc_string"):
+        assert getattr(rewritten, field) == getattr(original, field), field
+    assert list(rewritten.opset_import) == list(original.opset_import)
+    assert list(rewritten.metadata_props) == list(original.metadata_props)
+    assert rewritten.graph.name == original.graph.name
+    assert rewritten.graph.doc_string == original.graph.doc_string
+    assert list(rewritten.graph.input) == list(original.graph.input)
+    assert list(rewritten.graph.output) == list(original.graph.output)
+
+    # only default-domain ops; every conv output still produced, by exactly one node
+    assert {n.domain for n in rewritten.graph.node} <= {"", "ai.onnx"}
+    produced = [o for n in rewritten.graph.node for o in n.output]
+    assert len(produced) == len(set(produced)), "an output name is produced twice"
+    names = [n.name for n in rewritten.graph.node]
+    assert len(names) == len(set(names)), "duplicate node names"
+    for conv in convs:
+        assert conv.output[0] in produced, f"output {conv.output[0]!r} of {conv.name} lost"
+    if not lowered:
+        return
+
+    # FC form: every MatMul multiplies by a constant weight of the conv's dtype
+    inits = {t.name: t for t in rewritten.graph.initializer}
+    conv_names = {c.name for c in convs}
+    matmuls = [n for n in rewritten.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) >= len(convs)
+    for mm in matmuls:
+        assert mm.name.split("/convfc/")[0] in conv_names, mm.name
+        weight = inits.get(mm.input[1])
+        assert weight is not None, f"{mm.name}: B is not an initializer"
+        assert weight.data_type == inits_dtype(original, convs[0])
+    for n in rewritten.graph.node:
+        if n.name not in {x.name for x in original.graph.node}:
+            assert "/convfc/" in n.name, f"new node {n.name!r} is not named <conv>/convfc/.."
+    for conv in convs:  # the original weights are gone once no node reads them
+        assert conv.input[1] not in inits
+
+
+def inits_dtype(model: onnx.ModelProto, conv: onnx.NodeProto) -> int:
+    return next(t.data_type for t in model.graph.initializer if t.name == conv.input[1])
+
+
+@pytest.fixture(scope="session")
+def reference_conv():
+    """``reference_conv(x, w, b, strides, dilations, pads, group)``: numpy ONNX Conv."""
+    return conv_reference
+
+
+@pytest.fixture(scope="session")
+def close():
+    """``close(out, ref, rel, what)``: assert the max error relative to the output scale."""
+    return assert_close
+
+
+@pytest.fixture(scope="session")
+def explicit_pads():
+    """``explicit_pads(spatial, kernel, strides, dilations, pads, auto_pad)``."""
+    return resolve_pads
+
+
+@pytest.fixture(scope="session")
+def faithful():
+    """``faithful(original, rewritten, report, lowered=True)``: the invariants of a rewrite."""
+    return check_rewritten
