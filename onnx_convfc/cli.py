@@ -7,6 +7,7 @@ from ``RewriteOptions`` so the CLI and the Python API take the same options.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from dataclasses import MISSING, fields
@@ -165,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(highlight=False, soft_wrap=True)
+    # Tables keep their full width when piped (rich would assume 80 columns and wrap rows).
+    console = Console(highlight=False, soft_wrap=True,
+                      width=None if sys.stdout.isatty() else 200)
     try:
         return args.run(args, console)
     except (InputError, PrepareError, ValueError) as err:
@@ -188,8 +191,18 @@ def _output_path(args: argparse.Namespace) -> Path:
     return out
 
 
+def _writable(path: str | None) -> None:
+    """Refuse a report path whose folder cannot take it, before anything is written."""
+    if path is None:
+        return
+    folder = Path(path).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: cannot write (folder {folder} is missing or read-only)")
+
+
 def _rewrite(args: argparse.Namespace, console: Console) -> int:
     out = _output_path(args)
+    _writable(args.report_json)
     options = options_from_args(args)
     loaded = read_model(args.model)
     original = loaded.model

@@ -46,7 +46,8 @@ class RewriteOptions:
     method: str = field(default="auto", metadata={
         "help": "lowering for every conv: auto picks pointwise for 1x1 kernels, fc when the "
                 "kernel covers the whole padded input, im2col otherwise; dense is the exact "
-                "fully connected layer of a fixed input shape",
+                "fully connected layer of a fixed input shape (also for ConvTranspose; other "
+                "methods are Conv's, the other ops take their own auto choice)",
         "choices": METHODS})
     only: tuple[str, ...] = field(default=(), metadata={
         "help": "rewrite only convs whose node name matches this glob or whose lowering has "
@@ -71,6 +72,11 @@ class RewriteOptions:
         "action": "store_true",
         "help": "make it an error when --method cannot take a conv, instead of the fallback "
                 "(dense) or the skip (other methods)"})
+    skip_runtime_weights: bool = field(default=False, metadata={
+        "action": "store_true",
+        "help": "leave alone convs whose weight, bias or quantization parameters are computed "
+                "at run time; by default they are lowered with their reshapes done by nodes in "
+                "the graph (weight-only quantizers cannot take such weights)"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from types import ModuleType
 
 import numpy as np
 
 from .conv import ConvSpec
-from .lowering import AUTO_ORDER, LOWERINGS, dense
+from .lowering import AUTO_ORDER, LOWERING_NAMES, LOWERINGS
 from .options import RewriteOptions
 
 # Methods that hand a conv they cannot take to the auto choice instead of skipping it.
@@ -29,8 +31,13 @@ class Decision:
     note: str | None = None  # why the requested method gave way to ``lowering``
 
 
-def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4) -> Decision:
+def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4,
+           lowerings: Mapping[str, ModuleType] = LOWERINGS,
+           auto_order: tuple[str, ...] = AUTO_ORDER) -> Decision:
     """Pick the lowering of one conv; ``itemsize`` is its weight's, for the dense budget.
+
+    ``lowerings`` and ``auto_order`` are those of the conv's op (``families.py``); a
+    ``--method`` the op has no lowering of means the op's auto choice.
 
     Raises:
         PlanError: with ``--strict``, when ``--method`` cannot take a selected conv.
@@ -38,10 +45,10 @@ def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4) -> Decisi
     if _matches(spec.name, None, options.skip):
         return Decision(None, "excluded by --skip")
     note = None
-    if options.method == "auto":
-        lowering = _auto(spec)
+    if options.method not in lowerings:
+        lowering = _auto(spec, lowerings, auto_order)
     else:
-        refusal = _refusal(spec, options, itemsize)
+        refusal = _refusal(spec, options, itemsize, lowerings)
         if refusal:
             problem = f"{options.method} does not apply: {refusal}"
             selected = not options.only or _matches(spec.name, options.method, options.only)
@@ -49,7 +56,7 @@ def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4) -> Decisi
                 raise PlanError(f"conv '{spec.name}': {problem} (--strict)")
             if options.method not in FALLS_BACK:
                 return Decision(None, problem)
-            lowering = _auto(spec)
+            lowering = _auto(spec, lowerings, auto_order)
             note = f"{problem}; fell back to {lowering}"
         else:
             lowering = options.method
@@ -69,14 +76,17 @@ def dtype_refusal(dtype) -> str | None:
             "so the lowered form could not run")
 
 
-def _auto(spec: ConvSpec) -> str:
-    return next(n for n in AUTO_ORDER if LOWERINGS[n].applies(spec) is None)
+def _auto(spec: ConvSpec, lowerings: Mapping[str, ModuleType],
+          auto_order: tuple[str, ...]) -> str:
+    return next(n for n in auto_order if lowerings[n].applies(spec) is None)
 
 
-def _refusal(spec: ConvSpec, options: RewriteOptions, itemsize: int) -> str | None:
-    refusal = LOWERINGS[options.method].applies(spec)
-    if refusal is None and options.method == dense.NAME:
-        refusal = dense.over_budget(spec, itemsize, options.max_dense_bytes)
+def _refusal(spec: ConvSpec, options: RewriteOptions, itemsize: int,
+             lowerings: Mapping[str, ModuleType]) -> str | None:
+    lowering = lowerings[options.method]
+    refusal = lowering.applies(spec)
+    if refusal is None and hasattr(lowering, "over_budget"):  # the dense forms
+        refusal = lowering.over_budget(spec, itemsize, options.max_dense_bytes)
     return refusal
 
 
@@ -84,6 +94,7 @@ def _matches(node_name: str | None, lowering: str | None, patterns: tuple[str, .
     for pattern in patterns:
         if lowering is not None and pattern == lowering:
             return True
-        if node_name is not None and pattern not in LOWERINGS and fnmatchcase(node_name, pattern):
+        if node_name is not None and pattern not in LOWERING_NAMES \
+                and fnmatchcase(node_name, pattern):
             return True
     return False

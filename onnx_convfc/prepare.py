@@ -41,6 +41,8 @@ MIN_OPSET = 11
 # IR 4 is the first that lets an initializer stay out of the graph inputs.
 MIN_IR_WITHOUT_LISTED_INITIALIZERS = 4
 STANDARD_DOMAINS = ("", "ai.onnx")
+# Initializers at least this large travel through the opset converter without their bytes.
+LARGE_TENSOR_BYTES = 4096
 # The inputs, by index, of conv-like ops that hold weights: what folding looks at.
 WEIGHT_INPUTS: dict[str, dict[int, str]] = {
     "Conv": {1: "weight", 2: "bias"},
@@ -121,16 +123,54 @@ def upgrade_opset(model: ModelProto) -> list[str]:
     opset = default_opset(model)
     if opset >= MIN_OPSET:
         return []
+    stash = _strip_large_initializers(model)
     try:
         converted = version_converter.convert_version(model, MIN_OPSET)
     except Exception as err:  # noqa: BLE001 - the converter raises many error types
         raise PrepareError(f"cannot upgrade opset {opset} to {MIN_OPSET}: "
                            f"{str(err).strip().splitlines()[0]}") from None
     model.CopyFrom(converted)
+    restored = _restore_initializers(model, stash)
+    if restored != set(stash):
+        raise PrepareError(f"cannot upgrade opset {opset} to {MIN_OPSET}: the converter "
+                           f"changed initializer(s) {', '.join(sorted(set(stash) - restored))}")
     model.ir_version = max(model.ir_version,
                            helper.find_min_ir_version_for(model.opset_import, True))
     return [f"upgraded the default-domain opset from {opset} to {MIN_OPSET} "
             "(the emitted Pad and Slice need it)"]
+
+
+def _strip_large_initializers(model: ModelProto) -> dict[str, bytes]:
+    """Take the bytes out of large initializers (the converter copies the model twice).
+
+    The converter only reads small constants (shapes, axes, scales) and never rewrites a
+    weight's data, so the bytes can be put back by name afterwards.
+    """
+    stash = {}
+    for graph in _graphs(model.graph):
+        for tensor in graph.initializer:
+            if len(tensor.raw_data) >= LARGE_TENSOR_BYTES:
+                stash[tensor.name] = tensor.raw_data
+                tensor.ClearField("raw_data")
+    return stash
+
+
+def _restore_initializers(model: ModelProto, stash: dict[str, bytes]) -> set[str]:
+    """Put stashed bytes back into the empty initializers of those names; return the names."""
+    restored = set()
+    for graph in _graphs(model.graph):
+        for tensor in graph.initializer:
+            if tensor.name in stash and not tensor.raw_data:
+                tensor.raw_data = stash[tensor.name]
+                restored.add(tensor.name)
+    return restored
+
+
+def _graphs(graph: GraphProto) -> Iterator[GraphProto]:
+    yield graph
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            yield from _graphs(sub)
 
 
 @dataclass

@@ -21,6 +21,9 @@ class ConvRow:
     weight_bytes_before: int
     weight_bytes_after: int
     note: str | None = None  # why the lowering differs from the requested --method
+    # "runtime" when the weight, bias or a quantization parameter is computed by the graph:
+    # the lowered form reshapes it with nodes, so a weight-only quantizer cannot take it
+    weights: str = "constant"
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Report:
             verdict = r.lowering if r.lowering else f"skipped: {r.reason}"
             if r.note:
                 verdict += " (fallback)"
+            if r.lowering and r.weights == "runtime":
+                verdict += " (run-time weights)"
             table.add_row(where, r.op_type, r.geometry, verdict, _size(r.weight_bytes_before),
                           _size(r.weight_bytes_after) if r.lowering else "-")
         if self.rows:

@@ -1,7 +1,9 @@
 """Walk a model (main graph, If/Loop/Scan bodies, local functions) and lower each conv.
 
-Every conv goes through: ``conv_spec`` (geometry), ``plan.choose`` (which lowering, or why
-not), the lowering's ``emit`` (replacement nodes, output name preserved). Replaced nodes are
+Every op of the conv family (``families.py``: Conv, ConvTranspose, ConvInteger, QLinearConv)
+goes through: its operands (constants, or ``Runtime`` tensors the graph computes), its spec
+builder (geometry), ``plan.choose`` (which lowering, or why not), the lowering's ``emit``
+(replacement nodes, output name preserved). Replaced nodes are
 swapped in place, so the topological order of the graph is kept.
 """
 
@@ -10,15 +12,16 @@ from __future__ import annotations
 import time
 from collections import ChainMap
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, numpy_helper
 
-from .conv import SpecError, conv_spec
+from .conv import SpecError
 from .emit import ConstantPool, Emitter, NameScope
-from .lowering import LOWERINGS
+from .families import FAMILIES, Family
+from .lowering.operands import Operand, Runtime, is_runtime, shape_of
 from .options import RewriteOptions
 from .plan import choose, dtype_refusal
 from .prepare import prepare_model
@@ -83,7 +86,8 @@ def _rewrite_function(function: FunctionProto, ctx: _Context) -> None:
 
 def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: str,
                    ctx: _Context) -> list[NodeProto]:
-    if node.op_type != "Conv" or node.domain not in CONV_DOMAINS:
+    family = FAMILIES.get(node.op_type)
+    if family is None or node.domain not in CONV_DOMAINS:
         return [node]
     name = node.name or node.output[0]
     row = dict(node=name, op_type=node.op_type, scope=scope, geometry="?", lowering=None,
@@ -93,38 +97,61 @@ def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: 
         ctx.report.rows.append(ConvRow(reason=reason, **row))
         return [node]
 
-    if len(node.input) < 2 or len(node.output) != 1:
-        return skip("malformed Conv node (needs X, W and one output)")
-    weight = _constant_array(node.input[1], consts)
-    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    bias = _constant_array(bias_name, consts) if bias_name else None
-    if weight is None:
-        return skip(f"weight '{node.input[1]}' is not constant")
-    if bias_name and bias is None:
-        return skip(f"bias '{bias_name}' is not constant")
-    row["weight_bytes_before"] = weight.nbytes + (bias.nbytes if bias is not None else 0)
+    if len(node.input) < family.required or len(node.output) != 1 \
+            or not node.input[family.weight]:
+        return skip(f"malformed {node.op_type} node (needs {family.required} inputs, "
+                    "a weight and one output)")
+    operands = _operands(node, family, consts, ctx)
+    if isinstance(operands, str):
+        return skip(operands)
+    weight, bias = operands.pop("weight"), operands.pop("bias", None)
+    values = [v for v in (weight, bias, *operands.values()) if v is not None]
+    runtime = any(is_runtime(v) for v in values)
+    row["weights"] = "runtime" if runtime else "constant"
+    row["weight_bytes_before"] = sum(v.nbytes for v in values if isinstance(v, np.ndarray))
     try:
-        spec = conv_spec(node, weight.shape, ctx.shapes.get(node.input[0]))
+        spec = family.build(node, name, shape_of(weight), ctx.shapes.get(node.input[0]),
+                            operands)
     except SpecError as err:
         return skip(f"invalid conv: {err}")
-    if bias is not None and bias.shape != (spec.out_channels,):
-        return skip(f"bias shape {list(bias.shape)} is not [{spec.out_channels}]")
-    spec = replace(spec, name=name)
+    if bias is not None and shape_of(bias) != (spec.out_channels,):
+        return skip(f"bias shape {list(shape_of(bias))} is not [{spec.out_channels}]")
     row["geometry"] = spec.short()
-    refusal = dtype_refusal(weight.dtype)
-    if refusal:
-        return skip(refusal)
-    decision = choose(spec, ctx.options, weight.dtype.itemsize)
+    if family.float_weights and isinstance(weight, np.ndarray):
+        refusal = dtype_refusal(weight.dtype)
+        if refusal:
+            return skip(refusal)
+    lowerings, auto_order = family.tables(runtime)
+    itemsize = weight.dtype.itemsize if isinstance(weight, np.ndarray) else 4
+    decision = choose(spec, ctx.options, itemsize, lowerings, auto_order)
     if decision.lowering is None:
         return skip(decision.reason)
 
     em = Emitter(name, pool, ctx.options)
-    LOWERINGS[decision.lowering].emit(spec, weight, bias, em)
+    lowerings[decision.lowering].emit(spec, weight, bias, em)
     row["lowering"] = decision.lowering
     row["weight_bytes_after"] = em.const_bytes
     ctx.report.rows.append(ConvRow(reason=None, note=decision.note, **row))
     ctx.replaced_inputs.update(node.input[1:])
     return em.nodes
+
+
+def _operands(node: NodeProto, family: Family, consts: Mapping,
+              ctx: _Context) -> dict[str, Operand | None] | str:
+    """Role -> constant array or ``Runtime`` tensor (``None`` if absent), or why not."""
+    found: dict[str, Operand | None] = {}
+    for role, index in family.roles():
+        tensor = node.input[index] if index < len(node.input) else ""
+        value = _constant_array(tensor, consts) if tensor else None
+        if tensor and value is None:
+            shape = ctx.shapes.get(tensor)
+            if ctx.options.skip_runtime_weights:
+                return f"{role} '{tensor}' is not constant"
+            if shape is None or None in shape:
+                return f"{role} '{tensor}' is not constant and its shape is not known statically"
+            value = Runtime(tensor, tuple(shape))
+        found[role] = value
+    return found
 
 
 def _constants(initializers, nodes) -> dict:

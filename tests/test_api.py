@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from convmodels import conv_model, random_conv, run
-from onnx import ModelProto
+from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 import onnx_convfc
 from onnx_convfc import RewriteOptions
@@ -147,3 +147,47 @@ def test_register_graph_method_is_opt_in(monkeypatch):
     report = graph.lower_convs(RewriteOptions(method="im2col"))
     assert [r.lowering for r in report.rows] == ["im2col"]
     assert not [n for n in graph.nodes if n.op == "Conv"]
+
+
+def conv_in_a_function_and_an_if_branch() -> ModelProto:
+    """``A = local.ConvRelu(X)`` (Constant weight inside), then ``If`` whose then-branch
+    convolves ``A`` with an outer initializer."""
+    rng = np.random.default_rng(4)
+    w1, w2 = (rng.standard_normal((4, 4, 3, 3)).astype(np.float32) for _ in range(2))
+    value = helper.make_tensor_value_info
+    function = helper.make_function(
+        "local", "ConvRelu", ["x"], ["y"],
+        [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w1)),
+         helper.make_node("Conv", ["x", "w"], ["c"], name="fn_conv", pads=[1] * 4),
+         helper.make_node("Relu", ["c"], ["y"])],
+        [helper.make_opsetid("", 17)])
+    then_branch = helper.make_graph(
+        [helper.make_node("Conv", ["A", "W2"], ["t"], name="then_conv", pads=[1] * 4)],
+        "then", [], [value("t", TensorProto.FLOAT, [1, 4, 6, 6])])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["A"], ["e"])], "else", [],
+                                    [value("e", TensorProto.FLOAT, [1, 4, 6, 6])])
+    graph = helper.make_graph(
+        [helper.make_node("ConvRelu", ["X"], ["A"], domain="local", name="call"),
+         helper.make_node("If", ["cond"], ["Y"], name="if", then_branch=then_branch,
+                          else_branch=else_branch)],
+        "g", [value("X", TensorProto.FLOAT, [1, 4, 6, 6]), value("cond", TensorProto.BOOL, [])],
+        [value("Y", TensorProto.FLOAT, [1, 4, 6, 6])], [numpy_helper.from_array(w2, "W2")])
+    model = helper.make_model(graph, functions=[function], opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    model.ir_version = 8
+    return model
+
+
+def test_lower_convs_reaches_functions_and_subgraphs(close):
+    model = conv_in_a_function_and_an_if_branch()
+    graph = gs.import_onnx(model)
+    report = lower_convs(graph)
+    assert sorted(r.node for r in report.rewritten) == ["fn_conv", "then_conv"]
+    assert all(sub.functions is graph.functions for sub in graph.subgraphs(recursive=True))
+
+    rewritten = gs.export_onnx(graph)
+    assert "Conv" not in {n.op_type for n in all_nodes(rewritten)}
+    x = np.random.default_rng(5).standard_normal((1, 4, 6, 6)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"X": x, "cond": np.array(cond)}
+        close(run(rewritten, feeds)[0], run(model, feeds)[0], 1e-5, f"cond={cond}")

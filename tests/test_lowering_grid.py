@@ -251,3 +251,54 @@ def test_empty_batch_with_symbolic_spatial_dims(rank, level):
     x = np.zeros((0, 6, *[7] * rank), np.float32)
     out = _session(rewritten, LEVELS[level]).run(None, {"X": x})[0]
     assert out.shape == (0, 6, *[5] * rank)
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 18, 21, 24])
+def test_every_opset_from_the_first_conv_on(opset, close, faithful):
+    """Grouped, SAME_UPPER, stride 2, symbolic spatial dims: run-time pads in int64 shape math.
+    Opsets below 11 are upgraded (Pad and Slice take inputs from 11 on), and say so."""
+    rng = np.random.default_rng(opset)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    model = conv_model((1, 4, 7, 7), w, b, opset=opset, dims=["N", 4, "H", "W"], group=2,
+                       strides=[2, 2], auto_pad="SAME_UPPER")
+    rewritten, report = rewrite_model(model)
+    if opset < 11:
+        assert any(f"from {opset} to 11" in note for note in report.notes)
+        model = onnx.version_converter.convert_version(model, 11)
+    faithful(model, rewritten, report)
+    ref_sess, sess = (_session(m, LEVELS["opt_all"]) for m in (model, rewritten))
+    for shape in [(1, 4, 7, 7), (2, 4, 10, 5)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        close(sess.run(None, {"X": x})[0], ref_sess.run(None, {"X": x})[0], 1e-4, str(shape))
+
+
+_W = np.ones((6, 4, 3, 3), np.float32)
+# Convs whose attributes contradict their weight or input: skipped with a reason, never a crash.
+UNLOWERABLE = {
+    "group does not divide": (lambda: conv_model((1, 16, 5, 5), _W, group=4),
+                              "invalid conv: group=4 does not divide the 6 output channels"),
+    "kernel_shape contradicts": (lambda: conv_model((1, 4, 5, 5), _W, kernel_shape=[2, 2]),
+                                 "invalid conv: kernel_shape=[2, 2] contradicts weight"),
+    "channels": (lambda: conv_model((1, 5, 5, 5), _W), "invalid conv: input has 5 channels"),
+    "bias shape": (lambda: conv_model((1, 4, 5, 5), _W, np.ones(5, np.float32)),
+                   "bias shape [5] is not [6]"),
+    "kernel larger than input": (lambda: conv_model((1, 4, 2, 2), _W),
+                                 "invalid conv: the kernel is larger than the padded input"),
+    "stride 0": (lambda: conv_model((1, 4, 5, 5), _W, strides=[0, 1]),
+                 "invalid conv: strides=[0, 1]"),
+    "short pads": (lambda: conv_model((1, 4, 5, 5), _W, pads=[1, 1]),
+                   "invalid conv: pads=[1, 1]"),
+    "unknown auto_pad": (lambda: conv_model((1, 4, 5, 5), _W, auto_pad="FULL"),
+                         "invalid conv: unknown auto_pad='FULL'"),
+}
+
+
+@pytest.mark.parametrize("case", UNLOWERABLE)
+def test_unlowerable_conv_is_skipped_with_its_reason(case):
+    build, reason = UNLOWERABLE[case]
+    model = build()
+    rewritten, report = rewrite_model(model)
+    (row,) = report.rows
+    assert row.lowering is None and row.reason.startswith(reason), row.reason
+    assert [n.op_type for n in rewritten.graph.node] == [n.op_type for n in model.graph.node]

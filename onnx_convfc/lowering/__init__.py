@@ -5,10 +5,29 @@
 
 from __future__ import annotations
 
-from . import dense, fc, im2col, pointwise
+from . import (
+    convinteger,
+    convtranspose,
+    convtranspose_dense,
+    dense,
+    fc,
+    im2col,
+    pointwise,
+    qlinearconv,
+)
 
 LOWERINGS = {m.NAME: m for m in (pointwise, fc, im2col, dense)}
 
-# What ``--method auto`` tries, cheapest first; im2col takes every conv. ``dense`` is only
+# What ``--method auto`` tries, cheapest first: fc needs no Transposes (so it also takes a 1x1
+# conv on a 1x1 input), pointwise no patches, and im2col takes every conv. ``dense`` is only
 # used when asked for: its matrix grows with the square of the feature-map size.
-AUTO_ORDER = ("pointwise", "fc", "im2col")
+AUTO_ORDER = ("fc", "pointwise", "im2col")
+
+# The other ops of the conv family (``families.py`` says how each is read).
+CONV_TRANSPOSE_LOWERINGS = {m.NAME: m for m in (convtranspose, convtranspose_dense)}
+CONV_INTEGER_LOWERINGS = {convinteger.NAME: convinteger}
+QLINEAR_CONV_LOWERINGS = {qlinearconv.NAME: qlinearconv}
+
+# Every lowering name of every op: ``--only``/``--skip`` patterns that are not node globs.
+LOWERING_NAMES = frozenset(LOWERINGS).union(
+    CONV_TRANSPOSE_LOWERINGS, CONV_INTEGER_LOWERINGS, QLINEAR_CONV_LOWERINGS)

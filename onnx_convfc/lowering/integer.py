@@ -21,33 +21,28 @@ def emit_integer_gemm(spec: QuantConvSpec, weight: Operand, em: Emitter,
                       ops: Operands) -> tuple[str, PatchRows]:
     """Emit patches and MatMulInteger; return the int32 sum and the patch layout."""
     conv = spec.conv
-    x_zp = _scalar_name(ops, spec.x_zero_point, "x_zero_point")
+    x_zp = w_zp = None
+    if _matters(spec.x_zero_point):
+        x_zp = ops.name(ops.reshape(spec.x_zero_point, (), "x_zero_point_scalar"),
+                        "x_zero_point")
     rows = patch_rows(conv, em, pad_value=x_zp)
     inputs = [rows.rows, ops.name(patch_matrix(ops, weight, conv.group), "weight")]
-    w_zp = per_column(ops, spec.w_zero_point, spec, "w_zero_point")
+    if _matters(spec.w_zero_point):
+        w_zp = per_column(ops, spec.w_zero_point, spec, "w_zero_point")
     if x_zp or w_zp:
         inputs += [x_zp or "", w_zp or ""]
     return em.op("MatMulInteger", inputs), rows
 
 
-def per_column(ops: Operands, value: Operand | None, spec: QuantConvSpec,
-               what: str) -> str | None:
+def per_column(ops: Operands, value: Operand, spec: QuantConvSpec, what: str) -> str:
     """Name of a per-tensor (scalar) or per-output-channel operand shaped to broadcast over
-    the GEMM result: ``[M]`` (group 1) or ``[g, 1, M/g]``; ``None`` for constant zeros."""
-    if not _matters(value):
-        return None
+    the GEMM result: ``[M]`` (group 1) or ``[g, 1, M/g]``."""
     if int(np.prod(value.shape)) == 1:
         return ops.name(ops.reshape(value, (), f"{what}_scalar"), what)
     g = spec.conv.group
     if g > 1:
         value = ops.reshape(value, (g, 1, spec.conv.out_per_group), f"{what}_per_group")
     return ops.name(value, what)
-
-
-def _scalar_name(ops: Operands, value: Operand | None, what: str) -> str | None:
-    if not _matters(value):
-        return None
-    return ops.name(ops.reshape(value, (), f"{what}_scalar"), what)
 
 
 def _matters(value: Operand | None) -> bool:

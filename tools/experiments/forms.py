@@ -202,6 +202,24 @@ def nhwc_gather_form(b: Builder, x: str, ly: Layer, gemm2d: bool = False,
     return _nhwc_gemm(b, patches, rows_tap_channel(ly.weight), ly, gemm2d, act)
 
 
+def nhwc_gather_rows_form(b: Builder, x: str, ly: Layer, gemm2d: bool = False,
+                          act: str | None = None) -> str:
+    """Pad, flatten pixels, Concat k shifted copies (pixel p holds pixels p..p+k-1: one kernel
+    row), one Gather of k such rows per output pixel, MatMul with weight B."""
+    side = ly.size + 2 * ly.pad
+    x = b.op("Reshape", _pad(b, x, ly, nhwc=True), b.ints([0, -1, ly.c]))
+    count = side * side - ly.k + 1
+    axis = b.ints([1])
+    rows = b.op("Concat", *(b.op("Slice", x, b.ints([t]), b.ints([t + count]), axis)
+                            for t in range(ly.k)), axis=-1)  # [N, count, k*C]
+    o = np.arange(ly.out) * ly.stride
+    starts = ((o[:, None, None] + np.arange(ly.k)[None, None, :]) * side + o[None, :, None])
+    index = starts.reshape(-1, ly.k).astype(np.int64)  # [L, k]: first pixel of each kernel row
+    patches = b.op("Gather", rows, b.const(index), axis=1)  # [N, L, k, k*C]
+    patches = b.op("Reshape", patches, b.ints([0, ly.out, ly.out, -1]))
+    return _nhwc_gemm(b, patches, rows_tap_channel(ly.weight), ly, gemm2d, act)
+
+
 def s2d_weight(ly: Layer) -> np.ndarray:
     """Weight of the stride-1 conv over ``SpaceToDepth(stride)`` of the padded input.
 
