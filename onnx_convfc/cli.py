@@ -7,8 +7,8 @@ from ``RewriteOptions`` so the CLI and the Python API take the same options.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path

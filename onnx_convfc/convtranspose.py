@@ -146,6 +146,9 @@ def conv_transpose_spec(
     strides = _ints(attrs, "strides", rank, 1, minimum=1)
     dilations = _ints(attrs, "dilations", rank, 1, minimum=1)
     output_padding = _ints(attrs, "output_padding", rank, 0, minimum=0)
+    if any(op >= s for op, s in zip(output_padding, strides)):  # as onnxruntime checks
+        raise SpecError(f"output_padding={list(output_padding)} must be less than "
+                        f"strides={list(strides)}")
 
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
@@ -215,16 +218,13 @@ def _ints(attrs: dict, name: str, rank: int, default: int, minimum: int) -> tupl
 
 
 def _output_shape(attrs: dict, rank: int) -> tuple[int, ...] | None:
-    """The spatial part of ``output_shape``; onnxruntime also accepts it with N and C."""
+    """``output_shape``: spatial sizes only (onnxruntime refuses a model with N and C)."""
     values = attrs.get("output_shape")
     if not values:
         return None
     values = tuple(int(v) for v in values)
-    if len(values) == rank + 2:
-        values = values[2:]
     if len(values) != rank or min(values) < 1:
-        raise SpecError(f"output_shape={list(attrs['output_shape'])} invalid for a "
-                        f"{rank}-D ConvTranspose")
+        raise SpecError(f"output_shape={list(values)} invalid for a {rank}-D ConvTranspose")
     return values
 
 

@@ -180,12 +180,14 @@ def _numpy_dtype(value: ValueInfoProto) -> np.dtype:
 
 
 def _declared_dims(value: ValueInfoProto) -> tuple | None:
-    """Declared dims (int, symbolic name, or None), or None when no shape is declared."""
+    """Declared dims (int, symbolic name, or None), or None when no shape is declared.
+
+    A declared dim <= 0 (exporters write -1 for "any size") counts as unknown."""
     tensor = value.type.tensor_type
     if not tensor.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                 for d in tensor.shape.dim)
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                 else (d.dim_param or None) for d in tensor.shape.dim)
 
 
 def _check_rank(name: str, shape: tuple[int, ...], declared: tuple | None, flag: str) -> None:

@@ -87,10 +87,11 @@ def _load_external(tensor: TensorProto, model_path: Path) -> None:
     location = info.get("location", "")
     if not location:
         raise InputError(f"{where}: external data without a location")
-    if Path(location).is_absolute() or PureWindowsPath(location).is_absolute():
+    if Path(location).is_absolute() or PureWindowsPath(location).drive or \
+            PureWindowsPath(location).is_absolute():
         raise InputError(f"{where}: external data location '{location}' is absolute; "
                          "refusing to read outside the model's folder")
-    folder = model_path.resolve().parent
+    folder = model_path.parent.resolve()  # as onnxruntime does: the folder the path names
     file = (folder / location).resolve()
     if not file.is_relative_to(folder):
         raise InputError(f"{where}: external data location '{location}' leads outside the "

@@ -46,7 +46,9 @@ def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4,
         return Decision(None, "excluded by --skip")
     note = None
     if options.method not in lowerings:
-        lowering = _auto(spec, lowerings, auto_order)
+        lowering, refusal = _auto(spec, lowerings, auto_order)
+        if lowering is None:
+            return Decision(None, refusal)
     else:
         refusal = _refusal(spec, options, itemsize, lowerings)
         if refusal:
@@ -56,7 +58,9 @@ def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4,
                 raise PlanError(f"conv '{spec.name}': {problem} (--strict)")
             if options.method not in FALLS_BACK:
                 return Decision(None, problem)
-            lowering = _auto(spec, lowerings, auto_order)
+            lowering, refusal = _auto(spec, lowerings, auto_order)
+            if lowering is None:
+                return Decision(None, f"{problem}; {refusal}")
             note = f"{problem}; fell back to {lowering}"
         else:
             lowering = options.method
@@ -77,8 +81,15 @@ def dtype_refusal(dtype) -> str | None:
 
 
 def _auto(spec: ConvSpec, lowerings: Mapping[str, ModuleType],
-          auto_order: tuple[str, ...]) -> str:
-    return next(n for n in auto_order if lowerings[n].applies(spec) is None)
+          auto_order: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """The first lowering in ``auto_order`` that takes the conv, or ``None`` and the last
+    refusal (Conv's im2col takes every conv; ConvTranspose's subpixel may refuse)."""
+    refusal = None
+    for name in auto_order:
+        refusal = lowerings[name].applies(spec)
+        if refusal is None:
+            return name, None
+    return None, refusal
 
 
 def _refusal(spec: ConvSpec, options: RewriteOptions, itemsize: int,

@@ -8,8 +8,8 @@ In order:
    ``DequantizeLinear``, ``Reshape`` of initializers, ...) are evaluated and stored as
    initializers. Only the cone feeding those inputs is evaluated, with onnx's reference
    evaluator (onnxruntime where the reference lacks an op); its nodes are removed when nothing
-   else reads them. A weight that depends on a graph input stays as it is, and the rewrite
-   skips its conv;
+   else reads them. A weight that depends on a graph input stays computed at run time (the
+   rewrite then lowers its conv with a run-time weight, or skips it, and says which);
 4. a default-domain opset older than the emitted nodes need is upgraded.
 """
 
@@ -127,6 +127,7 @@ def upgrade_opset(model: ModelProto) -> list[str]:
     try:
         converted = version_converter.convert_version(model, MIN_OPSET)
     except Exception as err:  # noqa: BLE001 - the converter raises many error types
+        _restore_initializers(model, stash)
         raise PrepareError(f"cannot upgrade opset {opset} to {MIN_OPSET}: "
                            f"{str(err).strip().splitlines()[0]}") from None
     model.CopyFrom(converted)
@@ -149,7 +150,7 @@ def _strip_large_initializers(model: ModelProto) -> dict[str, bytes]:
     stash = {}
     for graph in _graphs(model.graph):
         for tensor in graph.initializer:
-            if len(tensor.raw_data) >= LARGE_TENSOR_BYTES:
+            if len(tensor.raw_data) >= LARGE_TENSOR_BYTES and tensor.name not in stash:
                 stash[tensor.name] = tensor.raw_data
                 tensor.ClearField("raw_data")
     return stash
@@ -212,7 +213,7 @@ def _fold_holder(holder: Holder, outer: Mapping[str, TensorProto], opsets: list,
             cones[name] = _cone(name, producers, holder, consts)
         except _Dynamic as why:
             stats.refused.append(f"cannot fold the {role} '{name}' of conv '{conv}': {why}; "
-                                 "that conv stays as it is")
+                                 "it stays computed at run time")
     values = _evaluate(holder, cones, consts, opsets, stats)
     if values:
         _install(holder, values, cones, stats)
@@ -276,7 +277,7 @@ def _evaluate(holder: Holder, cones: dict[str, set[int]], consts: Mapping[str, T
         except Exception as err:  # noqa: BLE001 - the reference evaluator raises anything
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             stats.refused.append(f"cannot fold '{name}': evaluating its constant subgraph "
-                                 f"failed ({reason}); that conv stays as it is")
+                                 f"failed ({reason}); it stays computed at run time")
     return values
 
 

@@ -194,7 +194,7 @@ def _inferred_shapes(model: ModelProto, options: RewriteOptions) -> dict[str, Sh
             t = value.type.tensor_type
             if t.HasField("shape"):
                 shapes[value.name] = tuple(
-                    d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+                    d.dim_value if d.dim_value > 0 else None for d in t.shape.dim)
     return shapes
 
 

@@ -226,5 +226,5 @@ def test_function_weight_from_a_formal_input_is_skipped_with_reason():
     model = _model([call], [_value("X")], [numpy_helper.from_array(W3, "W3")],
                    functions=[function], extra_opsets=[helper.make_opsetid("local", 1)])
     out, report = _rewrite_and_compare(model, [{"X": _x()}], 0)
-    assert report.rows[0].reason == "weight 'w' is not constant"
+    assert report.rows[0].reason.startswith("weight 'w' is not constant")
     assert out.functions[0] == model.functions[0]

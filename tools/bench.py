@@ -30,7 +30,13 @@ from pathlib import Path
 import onnx
 
 from onnx_convfc import RewriteOptions, rewrite_model
-from onnx_convfc.bench import bench_models, make_session, profile_op_types
+from onnx_convfc.bench import (
+    DEFAULT_THREADS,
+    bench_models,
+    make_session,
+    parse_threads,
+    profile_op_types,
+)
 from onnx_convfc.inputs import plan_feeds
 from onnx_convfc.io import read_model, save_model
 from onnx_convfc.options import METHODS, parse_input_shape
@@ -150,8 +156,9 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[], metavar="GLOB|LOWERING")
     parser.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
                         type=parse_input_shape, metavar="NAME:DxD..")
-    parser.add_argument("--threads", type=lambda t: tuple(int(x) for x in t.split(",")),
-                        default=(0, 1), help="0 = onnxruntime's default (default: 0,1)")
+    parser.add_argument("--threads", type=parse_threads, default=(DEFAULT_THREADS, 1),
+                        help="intra-op thread counts, 'default' = onnxruntime's choice "
+                             "(default: default,1)")
     parser.add_argument("--repeats", type=int, default=20, help="latency rounds")
     parser.add_argument("--io-repeats", type=int, default=3, help="rewrite and io repeats")
     parser.add_argument("--profile", action="store_true", help="per-op-type breakdown")
@@ -174,9 +181,22 @@ def main() -> int:
             continue
         show(row)
         rows.append(row)
+    show_summary(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
+
+
+def show_summary(rows: list[dict]) -> None:
+    """Geometric mean of the latency ratios over the models, per thread count."""
+    if len(rows) < 2:
+        return
+    for threads in rows[0]["latency"]:
+        ratios = [r["latency"][threads]["ratio"] for r in rows if threads in r["latency"]]
+        worst = max(rows, key=lambda r: r["latency"].get(threads, {}).get("ratio", 0))
+        print(f"\ngeometric mean ratio, threads={threads}: {statistics.geometric_mean(ratios):.3f} "
+              f"over {len(ratios)} models; worst {worst['latency'][threads]['ratio']:.3f} "
+              f"({Path(worst['model']).name})")
 
 
 if __name__ == "__main__":

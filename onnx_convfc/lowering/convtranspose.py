@@ -3,14 +3,16 @@
 Along an axis with stride ``s``, output ``o = j*s + r`` only receives kernel offsets ``k``
 with ``k*d = q*s + r``, each reading input ``j - q``. So every phase ``r`` is a small conv
 over the *input* whose kernel holds the offsets of that phase at shift ``q``. All phases
-together are one conv with ``M * prod(s)`` output channels and a ``(q_max + 1)``-wide kernel,
-lowered by the usual Conv lowerings (pointwise when the kernel equals the stride, im2col
-otherwise: channels-last patches and one MatMul with the precomputed weight as ``B``).
-A Reshape/Transpose/Reshape interleaves the phases (depth-to-space), a Slice or Pad cuts
-the padded window, and an Add applies the bias. No Col2Im, so it runs on every provider.
+together are one conv with ``M * prod(s)`` output channels and a ``(q_max + 1)``-wide kernel:
+Conv's channels-last patches of the input (the input itself when the kernel equals the
+stride) times one precomputed weight ``B`` (FC form). Reshape/Transpose/Reshape interleave
+the phases (depth-to-space) and return to channels-first, a Slice or Pad cuts the padded
+window, an Add applies the bias. No Col2Im, so it runs on every provider.
 
 Matches every ConvTranspose whose pads are known (all but ``output_shape`` with a run-time
-input size). Rows that the crop would discard entirely are never computed.
+input size). Input rows that only feed cropped rows are never computed. ``B`` holds
+``prod(q_max + 1) * C/g`` rows, more than the kernel's taps when ``k*d`` is not a multiple
+of the stride (3x3 stride 2: 16 instead of 9 per channel pair), the unused ones zero.
 """
 
 from __future__ import annotations
@@ -22,15 +24,11 @@ import numpy as np
 from ..conv import ConvSpec
 from ..convtranspose import ConvTransposeSpec
 from ..emit import Emitter
-from . import fc, im2col, pointwise
-from .operands import Operand, Operands, is_runtime
+from .operands import Operand, Operands, is_runtime, patch_matrix
+from .patches import PatchRows, patch_rows
 
 NAME = "subpixel"
 INT64_MAX = np.iinfo(np.int64).max
-
-# Conv lowerings the phase conv may use, cheapest first; only these take run-time weights.
-PHASE_LOWERINGS = (pointwise, fc, im2col)
-RUNTIME_PHASE_LOWERINGS = (pointwise, im2col)
 
 
 @dataclass(frozen=True)
@@ -73,23 +71,24 @@ def applies(spec: ConvTransposeSpec) -> str | None:
 def emit(spec: ConvTransposeSpec, weight: Operand, bias: Operand | None, em: Emitter) -> None:
     axes = _axes(spec)
     ops = Operands(em)
-    phases = int(np.prod(spec.strides))
-    shuffle, crop, extend = phases > 1, _crop(axes), _extend(axes)
-    last = [step for step, wanted in (("conv", True), ("shuffle", shuffle), ("crop", crop),
-                                      ("extend", extend), ("bias", bias is not None)) if wanted][-1]
+    crop, extend = _crop(axes), _extend(axes)
+    # A constant bias rides on the GEMM result (tiled per phase) unless Pad adds positions.
+    early_bias = bias is not None and not is_runtime(bias) and not extend
+    late_bias = bias is not None and not early_bias
+    last = [step for step, wanted in (("shuffle", True), ("crop", crop), ("extend", extend),
+                                      ("bias", late_bias)) if wanted][-1]
 
     def out(step: str) -> str | None:
         return spec.output if step == last else None
 
     phase_spec = _phase_spec(spec, axes, _trim_input(spec, axes, em),
-                             out("conv") or em.pool.names.take(f"{em.prefix}/phases_out"))
-    phase_weight = _phase_weight(ops, weight, spec, axes)
-    choices = RUNTIME_PHASE_LOWERINGS if is_runtime(phase_weight) else PHASE_LOWERINGS
-    lowering = next(m for m in choices if m.applies(phase_spec) is None)
-    lowering.emit(phase_spec, phase_weight, None, em)
-    y = phase_spec.output
-    if shuffle:
-        y = _depth_to_space(spec, em, y, out("shuffle"))
+                             out("shuffle") or em.pool.names.take(f"{em.prefix}/phases_out"))
+    rows = patch_rows(phase_spec, em)
+    matrix = patch_matrix(ops, _phase_weight(ops, weight, spec, axes), spec.group)
+    y = em.op("MatMul", [rows.rows, ops.name(matrix, "weight")])
+    if early_bias:
+        y = em.op("Add", [y, em.const("bias", _tiled_bias(spec, bias))], "AddBias")
+    y = _depth_to_space(spec, phase_spec, em, y, rows)
     r = spec.rank
     spatial = em.ints("spatial_axes", list(range(2, r + 2)))
     if crop:
@@ -99,9 +98,16 @@ def emit(spec: ConvTransposeSpec, weight: Operand, bias: Operand | None, em: Emi
     if extend:
         widths = [0, 0] + [0] * r + [0, 0] + [max(0, a.crop_end) for a in axes]
         y = em.op("Pad", [y, em.ints("extend_pads", widths)], "extend", output=out("extend"))
-    if bias is not None:
+    if late_bias:
         per_channel = ops.reshape(bias, (spec.out_channels,) + (1,) * r, "bias_per_channel")
         em.op("Add", [y, ops.name(per_channel, "bias")], "AddBias", output=out("bias"))
+
+
+def _tiled_bias(spec: ConvTransposeSpec, bias: np.ndarray) -> np.ndarray:
+    """The bias per GEMM column, ordered (phase, M/g) like the phase weight's columns."""
+    per_group = bias.reshape(spec.group, 1, spec.out_per_group)
+    tiled = np.tile(per_group, (1, 1, int(np.prod(spec.strides))))
+    return tiled.reshape(-1) if spec.group == 1 else tiled
 
 
 def _crop(axes: list[_Axis]) -> bool:
@@ -161,32 +167,67 @@ def _phase_weight(ops: Operands, weight: Operand, spec: ConvTransposeSpec,
                   axes: list[_Axis]) -> Operand:
     """``[C, M/g, k...]`` -> the phase conv's ``[M * prod(s), C/g, (shift + 1)...]``.
 
-    Output channels are ordered (M, phase), so a depth-to-space splits them back.
+    Output channels are ordered (group, phase, M/g), so within a group the GEMM columns
+    split as ``[s..., M/g]`` and the phases interleave channels-last.
     """
     g, cg, mg = spec.group, spec.in_per_group, spec.out_per_group
     taps = int(np.prod(spec.kernel))
     table = tap_table(spec, axes)
     w = ops.reshape(weight, (g, cg, mg, taps), "taps")
-    w = ops.transpose(w, (0, 2, 3, 1), "taps_last")                 # [g, Mg, taps, Cg]
-    w = ops.pad_end(w, 2, 1, "zero_tap")                            # [g, Mg, taps + 1, Cg]
-    w = ops.gather(w, table, 2, "place_taps")                       # [g, Mg, S, W, Cg]
-    w = ops.transpose(w, (0, 1, 2, 4, 3), "phase_kernel")           # [g, Mg, S, Cg, W]
+    w = ops.transpose(w, (0, 3, 2, 1), "taps_first")                # [g, taps, Mg, Cg]
+    w = ops.pad_end(w, 1, 1, "zero_tap")                            # [g, taps + 1, Mg, Cg]
+    w = ops.gather(w, table, 1, "place_taps")                       # [g, S, W, Mg, Cg]
+    w = ops.transpose(w, (0, 1, 3, 4, 2), "phase_kernel")           # [g, S, Mg, Cg, W]
     return ops.reshape(w, (spec.out_channels * table.shape[0], cg) + tuple(
         a.shift + 1 for a in axes), "phase_weight")
 
 
-def _depth_to_space(spec: ConvTransposeSpec, em: Emitter, y: str, output: str | None) -> str:
-    """``[N, M * prod(s), J...]`` -> ``[N, M, J_1 * s_1, ...]``, phases interleaved."""
-    r, m = spec.rank, spec.out_channels
-    shape = em.op("Shape", [y], "phase_shape")
-    rows = em.op("Slice", [shape, em.ints("rows_start", [2]), em.ints("rows_end", [2 + r])],
-                 "phase_rows")
-    split = em.op("Concat", [em.ints("phase_dims", [0, m, *spec.strides]), rows],
-                  "split_shape", axis=0)
-    y = em.op("Reshape", [y, split], "split_phases")
-    interleave = [0, 1] + [a for i in range(r) for a in (2 + r + i, 2 + i)]
-    y = em.op("Transpose", [y], "interleave", perm=interleave)
-    merged = em.op("Mul", [rows, em.ints("strides", spec.strides)], "merged_rows")
-    merge = em.op("Concat", [em.ints("merged_dims", [0, m]), merged], "merge_shape", axis=0)
-    return em.op("Reshape", [y, merge], "merge_phases", output=output)
+def _depth_to_space(spec: ConvTransposeSpec, phase_spec: ConvSpec, em: Emitter, y: str,
+                    rows: PatchRows) -> str:
+    """GEMM result -> ``[N, M, J_1 * s_1, ...]``: phases interleaved, channels first.
 
+    ``y`` is ``[N, J..., S * M]`` (group 1) or ``[N, g, L, S * M/g]``, columns ordered
+    (phase, channel). Group 1 interleaves channels-last, where each copied block is
+    ``s_r * M`` contiguous values (no Transpose at all in 1-D), then moves the channels first
+    with the usual NHWC -> NCHW Transpose: much faster on onnxruntime than one 6-D Transpose.
+    """
+    r, g, strides = spec.rank, spec.group, list(spec.strides)
+    rows_static = phase_spec.output_spatial()
+    merged = tuple(None if j is None else j * s for j, s in zip(rows_static, strides))
+    interleave = [a for i in range(r) for a in (i, r + i)]  # (J_i, s_i) pairs, in order
+    if g == 1:  # [N, J..., s..., M] -> [N, J_1, s_1, ..., M] -> [N, O..., M] -> [N, M, O...]
+        split = em.ints("split_shape", [0] * (r + 1) + strides + [spec.out_channels])
+        y = em.op("Reshape", [y, split], "split_phases")
+        if r > 1:
+            y = em.op("Transpose", [y], "interleave",
+                      perm=[0] + [1 + a for a in interleave] + [2 * r + 1])
+        merge = _target(em, "merge_shape", [0], merged, rows.grid, 1, [spec.out_channels],
+                        strides)
+        y = em.op("Reshape", [y, merge], "merge_phases")
+        return em.op("Transpose", [y], "to_channels_first", perm=[0, r + 1, *range(1, r + 1)],
+                     output=phase_spec.output)
+    # [N, g, J..., s..., M/g] -> [N, g, M/g, J_1, s_1, ...] -> [N, M, O...]
+    split = _target(em, "split_shape", [0, 0], rows_static, rows.grid, 2,
+                    strides + [spec.out_per_group])
+    y = em.op("Reshape", [y, split], "split_phases")
+    y = em.op("Transpose", [y], "interleave",
+              perm=[0, 1, 2 * r + 2] + [2 + a for a in interleave])
+    merge = _target(em, "merge_shape", [0, spec.out_channels], merged, rows.grid, 2, [],
+                    strides)
+    return em.op("Reshape", [y, merge], "merge_phases", output=phase_spec.output)
+
+
+def _target(em: Emitter, what: str, head: list[int], dims: tuple[int | None, ...], grid: str,
+            first: int, tail: list[int], scale: list[int] | None = None) -> str:
+    """``head + dims + tail`` as a Reshape target: constant when ``dims`` is static, else
+    ``shape(grid)[first:first + r]`` (times ``scale``) read at run time."""
+    if None not in dims:
+        return em.ints(what, [*head, *dims, *tail])
+    shape = em.op("Shape", [grid], f"{what}_grid")
+    found = em.op("Slice", [shape, em.ints(f"{what}_start", [first]),
+                            em.ints(f"{what}_end", [first + len(dims)])], f"{what}_rows")
+    if scale is not None:
+        found = em.op("Mul", [found, em.ints(f"{what}_scale", scale)], f"{what}_scaled")
+    parts = [em.ints(f"{what}_head", head), found] + ([em.ints(f"{what}_tail", tail)]
+                                                     if tail else [])
+    return em.op("Concat", parts, what, axis=0)

@@ -8,6 +8,7 @@ Forms, each checked against onnxruntime's Conv (group = C) before timing:
   nhwc_reducesum   the same channels-last (Transposes at both ends)
   nchw_shift_add   Pad, 9 Slices, each times a per-channel scale, summed by an Add chain
   nhwc_shift_add   the same channels-last (Transposes at both ends)
+  nchw_banded      k row Slices + Concat, batched MatMul with a banded [C, k*Wp, OW] matrix
 
 Run: python tools/experiments/depthwise.py [--repeats 40]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 from forms import (
     Builder,
     Layer,
@@ -93,9 +95,30 @@ def nhwc_shift_add(b: Builder, x: str, ly: Layer) -> str:
     return _shift_add(b, x, ly, nhwc=True)
 
 
+def nchw_banded(b: Builder, x: str, ly: Layer) -> str:
+    """k row Slices concatenated along W, one batched MatMul with a per-channel banded matrix.
+
+    ``[N, C, OH, k*Wp] @ [C, k*Wp, OW]``: W-direction taps and stride live in the matrix, so
+    the output comes out channels-first with no reshuffle (weight grows to C*k*Wp*OW).
+    """
+    k, s, side = ly.k, ly.stride, ly.size + 2 * ly.pad
+    x = _pad(b, x, ly, (2, 3), 4)
+    span = (ly.out - 1) * s + 1
+    rows = [b.op("Slice", x, b.ints([kh]), b.ints([kh + span]), b.ints([2]), b.ints([s]))
+            for kh in range(k)]
+    band = np.zeros((ly.c, k, side, ly.out), np.float32)
+    j = np.arange(ly.out)
+    for kh in range(k):
+        for kw in range(k):
+            band[:, kh, j * s + kw, j] = ly.weight[:, 0, kh, kw][:, None]
+    y = b.op("MatMul", b.op("Concat", *rows, axis=-1), b.const(band.reshape(ly.c, -1, ly.out)))
+    return b.op("Add", y, b.const(ly.bias.reshape(-1, 1, 1)))
+
+
 FORMS = {"conv": conv_form, "batched_matmul": batched_matmul,
          "nchw_reducesum": nchw_reducesum, "nhwc_reducesum": boundary(nhwc_reducesum),
-         "nchw_shift_add": nchw_shift_add, "nhwc_shift_add": boundary(nhwc_shift_add)}
+         "nchw_shift_add": nchw_shift_add, "nhwc_shift_add": boundary(nhwc_shift_add),
+         "nchw_banded": nchw_banded}
 
 
 def main() -> None:
@@ -103,7 +126,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40)
     args = parser.parse_args()
     for c, size, stride in ((32, 112, 1), (64, 56, 1), (128, 56, 2), (128, 28, 1),
-                            (256, 14, 1)):
+                            (256, 14, 1), (480, 10, 1)):
         ly = layer(c, c, 3, size, stride=stride, group=c)
         models = {name: single(form, ly) for name, form in FORMS.items()}
         check_and_compare(models, feeds_for(ly), repeats=args.repeats,

@@ -35,18 +35,21 @@ SHAPE = [1, 64, 56, 56]
 
 def chain(form, between: str | None = "Relu", nhwc: bool = False, residual: bool = False,
           n: int = 5, **kw):
-    """``n`` convs, each followed by ``between`` (or a BatchNormalization, or a residual Add)."""
+    """``n`` convs, each followed by ``between``: an activation op type, "BatchNormalization"
+    (a per-channel Mul + Add when ``nhwc``), or "ScaleShift" (Mul + Add by constants); and by
+    a residual Add when ``residual``."""
     b = Builder()
     x = b.op("Transpose", "X", perm=NCHW_TO_NHWC) if nhwc else "X"
     for i in range(n):
         ly = layer(64, 64, 3, 56, seed=i)
-        if between == "BatchNormalization":
+        if between in ("BatchNormalization", "ScaleShift"):
             y = form(b, x, ly, **kw)
             axis = (64,) if nhwc else (64, 1, 1)
             scale, shift = (b.const(np.full(axis, v, np.float32)) for v in (1.5, 0.1))
-            y = b.op("Add", b.op("Mul", y, scale), shift) if nhwc else b.op(
-                "BatchNormalization", y, *(b.const(np.full(64, v, np.float32))
-                                          for v in (1.5, 0.1, 0.0, 1.0)), epsilon=0.0)
+            y = b.op("BatchNormalization", y, *(b.const(np.full(64, v, np.float32))
+                                                for v in (1.5, 0.1, 0.0, 1.0)), epsilon=0.0) \
+                if between == "BatchNormalization" and not nhwc \
+                else b.op("Add", b.op("Mul", y, scale), shift)
         else:
             y = form(b, x, ly, act=between, **kw)
         x = b.op("Add", y, x) if residual else y
