@@ -11,6 +11,7 @@ import os
 
 from onnx import ModelProto
 
+from .inputs import check_input_shapes
 from .io import InputError, load_model, save_model
 from .options import RewriteOptions
 from .parity import ParityReport, check_parity
@@ -46,4 +47,5 @@ def rewrite_model(model_or_path: ModelProto | str | os.PathLike,
     """
     options = (options or RewriteOptions()).updated(**overrides)
     model = model_or_path if isinstance(model_or_path, ModelProto) else load_model(model_or_path)
+    check_input_shapes(model, options.input_shapes)
     return rewrite(model, options)

@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
-from .io import InputError, load_model
+from .io import InputError, load_model, save_text
 from .parity import add_provider_args, resolve_providers, short_name
 
 DEFAULT_THREADS = 0  # onnxruntime's own choice (one per physical core)
@@ -66,7 +66,7 @@ def make_session(model: onnx.ModelProto | str | bytes, threads: int = DEFAULT_TH
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures become one-line errors, not log lines
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         so.optimized_model_filepath = optimized_path
@@ -176,10 +176,7 @@ class BenchReport:
                 "method": __doc__.split("\n\n")[1].replace("\n", " ")}
 
     def write_json(self, path: str | os.PathLike) -> None:
-        try:
-            Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        except OSError as err:
-            raise InputError(f"{path}: cannot write ({err.strerror})") from None
+        save_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
 
     def render(self, console) -> None:
         for spec in self.inputs:
@@ -289,7 +286,7 @@ def profile_op_types(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarra
     """
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures become one-line errors, not log lines
     so.enable_profiling = True
     with tempfile.TemporaryDirectory() as folder:
         so.profile_file_prefix = str(Path(folder) / "profile")

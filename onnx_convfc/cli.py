@@ -19,7 +19,7 @@ from . import __version__, check_parity, rewrite_model
 from .bench import add_bench_args, bench_kwargs, bench_models
 from .explain import explain_model
 from .inputs import argtype
-from .io import InputError, load_model, read_model, save_model
+from .io import PROTOBUF_LIMIT, InputError, load_model, read_model, save_model, save_text
 from .options import RewriteOptions
 from .parity import add_parity_args, parity_kwargs
 from .prepare import PrepareError
@@ -175,8 +175,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx-convfc: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("onnx-convfc: interrupted; nothing was written", file=sys.stderr)
+        print("onnx-convfc: interrupted (writes are atomic: no partial file is left)",
+              file=sys.stderr)
         return 130
+    except MemoryError:
+        print("onnx-convfc: error: out of memory; lower --max-output-bytes or --max-dense-bytes "
+              "to refuse such a rewrite early", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:  # noqa: BLE001 - an unattended run gets one line, not a traceback
+        if os.environ.get("ONNX_CONVFC_TRACEBACK"):
+            raise
+        print(f"onnx-convfc: error: internal error ({type(err).__name__}: "
+              f"{' '.join(str(err).split())[:300]}); rerun with ONNX_CONVFC_TRACEBACK=1 "
+              "and report it", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _output_path(args: argparse.Namespace) -> Path:
@@ -207,8 +219,13 @@ def _rewrite(args: argparse.Namespace, console: Console) -> int:
     loaded = read_model(args.model)
     original = loaded.model
     model, report = rewrite_model(original, options)
+    # Verify before saving when the model fits in one protobuf, so that a verification that
+    # cannot run (exit 2) writes nothing; a larger one is verified from the file it is saved to.
+    in_memory = args.verify and model.ByteSize() <= PROTOBUF_LIMIT
+    parity = check_parity(original, model, **parity_kwargs(args)) if in_memory else None
     save_model(model, out, external_data=loaded.external_data)
-    parity = check_parity(original, model, **parity_kwargs(args)) if args.verify else None
+    if args.verify and not in_memory:
+        parity = check_parity(original, out, **parity_kwargs(args))
     _show(report, args, console, parity)
     if not args.quiet:
         console.print(f"wrote {out}")
@@ -246,13 +263,10 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
 def _show(report, args, console: Console, parity=None) -> None:
     """Print (and write as JSON) the rewrite report, with the parity report when verified."""
     if args.report_json:
-        try:
-            data = report.to_dict()
-            if parity is not None:
-                data["parity"] = parity.to_dict()
-            Path(args.report_json).write_text(json.dumps(data, indent=2) + "\n")
-        except OSError as err:
-            raise InputError(f"{args.report_json}: cannot write ({err.strerror})") from None
+        data = report.to_dict()
+        if parity is not None:
+            data["parity"] = parity.to_dict()
+        save_text(json.dumps(data, indent=2) + "\n", args.report_json)
     if args.quiet:
         console.print(report.summary())
     else:

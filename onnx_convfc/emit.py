@@ -12,9 +12,13 @@ import hashlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from onnx import NodeProto, TensorProto, helper, numpy_helper
+from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
 from .options import RewriteOptions
+from .skeleton import write_array
+
+# Elements hashed per constant to find identical ones; smaller constants hash every element.
+SAMPLE_ELEMENTS = 4096
 
 
 class NameScope:
@@ -33,42 +37,66 @@ class NameScope:
 
 
 class ConstantPool:
-    """Stores constants of one graph or function once each, keyed by content."""
+    """Stores constants of one graph or function once each, keyed by content.
 
-    def __init__(self, names: NameScope, in_function: bool) -> None:
+    In a graph (``holder``) each constant is written straight into its initializers; in a
+    function (``holder`` None) it becomes a node of ``constant_nodes``. Identical constants are
+    found by dtype, shape and a hash of their elements; a large constant hashes a strided
+    sample only and a match is confirmed byte for byte (hashing every byte of every lowered
+    weight cost more than writing it).
+    """
+
+    def __init__(self, names: NameScope, holder: GraphProto | None) -> None:
         self.names = names
-        self.in_function = in_function
-        self.initializers: list[TensorProto] = []
+        self.holder = holder
         self.constant_nodes: list[NodeProto] = []
-        self._by_content: dict[tuple, str] = {}
+        self._by_key: dict[tuple, list[tuple[str, TensorProto]]] = {}
 
     def add(self, wanted: str, array: np.ndarray) -> str:
-        array = np.ascontiguousarray(array)
-        digest = hashlib.blake2b(array.tobytes(), digest_size=16).digest()
-        key = (array.dtype.str, array.shape, digest)
-        if key in self._by_content:
-            return self._by_content[key]
+        array = np.asarray(array)  # a transposed view stays one: it is copied once, when written
+        step = max(1, array.size // SAMPLE_ELEMENTS)
+        sample = array.flat[::step]  # copies the sample only
+        key = (array.dtype.str, array.shape,
+               hashlib.blake2b(sample.tobytes(), digest_size=16).digest())
+        stored = self._by_key.setdefault(key, [])
+        for name, tensor in stored:
+            if step == 1 or _same_bytes(numpy_helper.to_array(tensor), array):
+                return name
         name = self.names.take(wanted)
-        tensor = numpy_helper.from_array(array, name)
-        if self.in_function:
-            self.constant_nodes.append(
-                helper.make_node("Constant", [], [name], name=self.names.take(wanted + "/Constant"),
-                                 value=tensor)
-            )
+        if self.holder is not None:
+            tensor = self.holder.initializer.add()
+            write_array(tensor, array, name)
         else:
-            self.initializers.append(tensor)
-        self._by_content[key] = name
+            node = helper.make_node("Constant", [], [name],
+                                    name=self.names.take(wanted + "/Constant"),
+                                    value=numpy_helper.from_array(array, name))
+            self.constant_nodes.append(node)
+            tensor = node.attribute[0].t
+        stored.append((name, tensor))
         return name
 
 
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality (NaNs with the same bits are equal, -0.0 and 0.0 are not), compared
+    through unsigned views: no copy, even of a transposed view."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.hasobject or a.dtype.itemsize not in (1, 2, 4, 8):
+        return bool(np.array_equal(a, b))
+    bits = np.dtype(f"u{a.dtype.itemsize}")
+    return bool(np.array_equal(a.view(bits), b.view(bits)))
+
+
 class Emitter:
-    """Builds the nodes that replace one conv; ``options`` carries the flags that shape them."""
+    """Builds the nodes that replace one conv; ``options`` carries the flags that shape them,
+    ``opset`` says which signature an op whose inputs changed across opsets takes."""
 
     def __init__(self, prefix: str, pool: ConstantPool,
-                 options: RewriteOptions | None = None) -> None:
+                 options: RewriteOptions | None = None, opset: int | None = None) -> None:
         self.prefix = f"{prefix}/convfc"
         self.pool = pool
         self.options = options or RewriteOptions()
+        self.opset = opset  # the default domain's; None when unknown (opset-neutral ops only)
         self.nodes: list[NodeProto] = []
         self.const_bytes = 0
 

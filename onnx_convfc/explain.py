@@ -8,6 +8,7 @@ its structure (PNG, needs the ``plot`` extra) or to export it (``.npz``).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto
 
 from .conv import ConvSpec, SpecError, conv_spec
+from .inputs import check_input_shapes
 from .lowering.dense import matrix_shape, over_budget, size_text
-from .lowering.weights import dense_matrix, tap_inputs
+from .lowering.weights import dense_matrix
 from .options import RewriteOptions
 from .prepare import prepare_model
 from .rewrite import CONV_DOMAINS, _constant_array, _constants, _inferred_shapes
@@ -68,7 +70,7 @@ class DenseSize:
     @property
     def nnz(self) -> int:
         """M * C/g * in-bounds pairs: each pair carries one [C/g, M/g] block per group."""
-        return self.spec.out_channels * self.spec.in_per_group * int(np.prod(self.axis_pairs))
+        return self.spec.out_channels * self.spec.in_per_group * math.prod(self.axis_pairs)
 
     @property
     def density(self) -> float:
@@ -88,6 +90,7 @@ def explain_model(model: ModelProto, options: RewriteOptions, console, node: str
         raise ExplainError("--png and --npz show one conv: add --node NAME")
     if png:
         require_plotting()
+    check_input_shapes(model, options.input_shapes)
     entries = find_convs(model, options)
     if node is None:
         render_listing(entries, options.max_dense_bytes, console)
@@ -124,8 +127,26 @@ def render_listing(entries: list[ConvEntry], max_bytes: int, console) -> None:
 
 
 def dense_size(spec: ConvSpec, itemsize: int) -> DenseSize:
-    pairs = tuple(int((index >= 0).sum()) for index in tap_inputs(spec))
+    """From the geometry alone: nothing as large as the matrix (or one axis of it) is built."""
+    r = spec.rank
+    pairs = tuple(axis_pairs(k, d, s, p, size, out) for k, d, s, p, size, out in zip(
+        spec.kernel, spec.dilations, spec.strides, spec.pads[:r], spec.input_spatial,
+        spec.output_spatial()))
     return DenseSize(spec, itemsize, pairs)
+
+
+def axis_pairs(kernel: int, dilation: int, stride: int, pad: int, size: int, out: int) -> int:
+    """How many (kernel offset ``k``, output position ``o``) pairs of one axis read inside
+    the input: ``0 <= o*stride + k*dilation - pad < size``, counted per offset in closed form.
+
+    Python ints where the numbers could overflow int64 (declared dims can be anything).
+    """
+    big = max(pad, size, out * stride, kernel * dilation) >= 2**60
+    k = np.arange(kernel, dtype=object if big else np.int64)
+    low = pad - k * dilation  # o*stride must lie in [low, low + size - 1]
+    first = np.maximum(0, -(-low // stride))
+    last = np.minimum(out - 1, (low + size - 1) // stride)
+    return int(np.maximum(0, last - first + 1).sum())
 
 
 def find_convs(model: ModelProto, options: RewriteOptions) -> list[ConvEntry]:
@@ -160,8 +181,8 @@ def describe(entry: ConvEntry, max_bytes: int) -> list[str]:
     in_names, out_names = _axis_names(spec.rank, ""), _axis_names(spec.rank, "O")
     dtype = entry.weight.dtype.name
     budget = over_budget(spec, size.itemsize, max_bytes)
-    positions = int(np.prod(outs))
-    pairs = int(np.prod(size.axis_pairs))
+    positions = math.prod(outs)
+    pairs = math.prod(size.axis_pairs)
     lines = [
         f"{entry.node}: {spec.short()}" + ("" if entry.scope == "main" else f" [{entry.scope}]"),
         f"input [N, {', '.join(map(str, [spec.in_channels, *ins]))}] -> "
@@ -328,7 +349,7 @@ def _axis_names(rank: int, prefix: str) -> list[str]:
 
 def _structure(spec: ConvSpec) -> str:
     text = (f"{spec.in_channels} x {spec.out_channels} channel blocks, each "
-            f"[{int(np.prod(spec.input_spatial))}, {int(np.prod(spec.output_spatial()))}]")
+            f"[{math.prod(spec.input_spatial)}, {math.prod(spec.output_spatial())}]")
     if spec.group > 1:
         text += (f"; block-diagonal over {spec.group} groups, so only "
                  f"{spec.in_per_group} x {spec.out_per_group} blocks per group are non-zero")
@@ -355,7 +376,7 @@ def _channel_grid(ax, spec: ConvSpec, shape: tuple[int, int]) -> None:
 
 
 def _product(values: list[int]) -> str:
-    return f"{'*'.join(map(str, values))} = {int(np.prod(values))}"
+    return f"{'*'.join(map(str, values))} = {math.prod(values)}"
 
 
 

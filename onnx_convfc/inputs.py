@@ -8,6 +8,7 @@ otherwise. Every dim filled by a default is named in ``FeedPlan.notes``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import zipfile
 from collections.abc import Callable, Iterable
@@ -21,6 +22,8 @@ from .io import InputError
 from .options import parse_input_shape
 
 DEFAULT_DIM = 32
+# Most bytes of random data one run may draw: a declared shape can be far beyond memory.
+MAX_RANDOM_BYTES = 4 * 2**30
 INT_HIGH = 4  # random integers are drawn from [0, INT_HIGH): safe as indices, sizes, flags
 BATCH_DIM_NAMES = ("n", "b", "bs", "batch", "batch_size", "batchsize", "batch_dim")
 
@@ -155,7 +158,35 @@ def plan_feeds(model: ModelProto, *, seed: int = 0,
         else:
             shape = _default_shape(name, declared[name], bound, notes)
         specs.append(InputSpec(name, dtypes[name], shape, sources.get(name, "random")))
+    _refuse_huge_random(specs, fixed)
     return FeedPlan(specs, fixed, seed, notes)
+
+
+def _refuse_huge_random(specs: list[InputSpec], fixed: dict[str, np.ndarray]) -> None:
+    drawn = [(s, math.prod(s.shape) * s.dtype.itemsize) for s in specs if s.name not in fixed]
+    if sum(size for _, size in drawn) > MAX_RANDOM_BYTES:
+        spec, size = max(drawn, key=lambda item: item[1])
+        raise InputError(f"input '{spec.name}': random data of shape {_text(spec.shape)} "
+                         f"would take {size} bytes (over {MAX_RANDOM_BYTES} in all); fix a "
+                         f"smaller shape with --input-shape {spec.name}:DxD.. or give data "
+                         "with --inputs FILE.npz")
+
+
+def check_input_shapes(model: ModelProto,
+                       input_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> None:
+    """Refuse ``--input-shape`` values for the rewrite as ``plan_feeds`` does for parity: a
+    name that is no graph input, a rank or a fixed dim the model contradicts (the rewritten
+    model would hold constants for a shape its declared input cannot take).
+
+    Raises:
+        InputError: naming the input and what is wrong.
+    """
+    graph_inputs = _graph_inputs(model)
+    for name, shape in input_shapes:
+        if name not in graph_inputs:
+            raise InputError(f"--input-shape: the model has no input '{name}' "
+                             f"(inputs: {', '.join(graph_inputs) or 'none'})")
+        _check_rank(name, shape, _declared_dims(graph_inputs[name]), "--input-shape")
 
 
 def _graph_inputs(model: ModelProto) -> dict[str, ValueInfoProto]:

@@ -8,15 +8,21 @@ in the destination folder that are renamed into place, the external data file fi
 
 from __future__ import annotations
 
-import math
 import os
+import secrets
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 import onnx
-from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper
+from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
+
+from .serialize import ExternalLayout, TooLarge, model_chunks
+from .skeleton import data_nbytes
 
 # Protobuf cannot serialise a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -24,9 +30,6 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_MIN_BYTES = 1024
 # Offsets of tensors in a written external data file are multiples of this.
 EXTERNAL_ALIGN = 64
-# Element types stored packed (several elements per byte); no size check for them.
-_PACKED = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1",
-                                             "FLOAT6E2M3", "FLOAT6E3M2") if hasattr(TensorProto, n)}
 
 
 class InputError(ValueError):
@@ -50,14 +53,15 @@ def load_model(path: str | os.PathLike) -> ModelProto:
 def read_model(path: str | os.PathLike) -> LoadedModel:
     """Like ``load_model``, and also tell whether the model kept tensors in external files."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+    if not path.is_file():  # a folder, or a FIFO that would block the read
+        raise InputError(f"{path}: " + ("not a regular file" if path.exists() else "no such file"))
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # noqa: BLE001 - protobuf and onnx raise many error types
         raise InputError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
     if not model.HasField("graph") or not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes)")
+    check_structure(model, str(path))
     external = [t for t in _all_tensors(model) if t.data_location == TensorProto.EXTERNAL]
     for tensor in external:
         _load_external(tensor, path)
@@ -72,13 +76,70 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
     in one protobuf. ``model`` is left as it was. A failed write leaves ``path`` untouched.
     """
     path = Path(path)
+    folder = _folder(path)
+    initializer_bytes = sum(data_nbytes(t) or 0 for t in model.graph.initializer)
+    if not external_data and initializer_bytes <= PROTOBUF_LIMIT:
+        try:  # written a piece at a time (``serialize.py``): no copy of the whole model
+            _write_atomically(path, folder, model_chunks(model, limit=PROTOBUF_LIMIT))
+            return
+        except TooLarge:
+            pass
+    layout = ExternalLayout(f"{path.name}.data", EXTERNAL_MIN_BYTES, EXTERNAL_ALIGN)
+    _write_atomically(path, folder, model_chunks(model, layout),
+                      (folder / layout.location, layout.data_chunks(model)))
+
+
+def save_text(text: str, path: str | os.PathLike) -> None:
+    """Write a text file (a JSON report) atomically, the way ``save_model`` writes models."""
+    path = Path(path)
+    _write_atomically(path, _folder(path), [text.encode()])
+
+
+def _folder(path: Path) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{path}: folder {folder} does not exist")
-    if external_data or _serialized_size(model) > PROTOBUF_LIMIT:
-        _save_with_external_data(model, path, folder)
-    else:
-        _write_atomically(path, folder, [model.SerializeToString()])
+    return folder
+
+
+def check_structure(model: ModelProto, where: str = "model") -> None:
+    """Refuse a graph that breaks the ONNX rules, as onnx's checker finds them: dangling or
+    unsorted inputs, cycles, names assigned twice, tensors whose data does not fit their
+    shape, attributes of the wrong type, missing opsets. Rewriting such a graph would only
+    hide the damage in a new file. Call it before external data is loaded (``read_model``
+    checks that data itself), so that the model fits in one protobuf.
+
+    Two things onnxruntime accepts are let through: graph inputs and outputs that declare no
+    shape (onnx-graphsurgeon writes them), and external data (the checker would look for it
+    from the working directory). They are hidden from the checker by editing ``model`` in
+    place and restoring it afterwards: a copy would double the memory of a large model.
+
+    Raises:
+        InputError: with the checker's message on one line.
+    """
+    shapeless = [v for g in _graphs(model.graph) for v in (*g.input, *g.output)
+                 if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
+    external = [(t, list(t.dims), [(e.key, e.value) for e in t.external_data])
+                for t in _all_tensors(model) if t.data_location == TensorProto.EXTERNAL]
+    try:
+        for value in shapeless:
+            value.type.tensor_type.shape.SetInParent()
+        for tensor, _, _ in external:
+            tensor.ClearField("data_location")
+            del tensor.external_data[:]
+            tensor.dims[:] = [0]
+        onnx.checker.check_model(model)
+    except Exception as err:  # noqa: BLE001 - ValidationError, and protobuf's own errors
+        raise InputError(f"{where}: not a valid ONNX model ({_one_line(err)})") from None
+    finally:
+        for value in shapeless:
+            value.type.tensor_type.ClearField("shape")
+        for tensor, dims, entries in external:
+            tensor.data_location = TensorProto.EXTERNAL
+            tensor.dims[:] = dims
+            for key, value in entries:
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
 
 
 def _load_external(tensor: TensorProto, model_path: Path) -> None:
@@ -97,13 +158,14 @@ def _load_external(tensor: TensorProto, model_path: Path) -> None:
         raise InputError(f"{where}: external data location '{location}' leads outside the "
                          f"model's folder (to {file}); refusing to read it")
     if not file.is_file():
-        raise InputError(f"{where}: external data file '{location}' is missing")
+        problem = "is not a regular file" if file.exists() else "is missing"
+        raise InputError(f"{where}: external data file '{location}' {problem}")
     try:
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else None
     except ValueError:
         raise InputError(f"{where}: external data offset/length are not integers") from None
-    needed = _data_bytes(tensor)
+    needed = data_nbytes(tensor)
     if length is not None and needed is not None and length != needed:
         raise InputError(f"{where}: external data length {length} does not match the "
                          f"{needed} bytes its shape needs")
@@ -120,53 +182,15 @@ def _load_external(tensor: TensorProto, model_path: Path) -> None:
     del tensor.external_data[:]
 
 
-def _data_bytes(tensor: TensorProto) -> int | None:
-    """Bytes of the tensor's raw data, or ``None`` where it cannot be told from its type."""
-    if tensor.data_type in _PACKED or tensor.data_type == TensorProto.STRING:
-        return None
-    try:
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return None
-    return math.prod(tensor.dims) * itemsize
+def _write_atomically(path: Path, folder: Path, chunks: Iterable[bytes],
+                      sidecar: tuple[Path, Iterable[bytes]] | None = None) -> None:
+    """Write every file to a temporary name in ``folder``, then rename them into place, the
+    sidecar first and the model last: the model's rename is when the new output appears.
 
-
-def _save_with_external_data(model: ModelProto, path: Path, folder: Path) -> None:
-    """Move large initializers' bytes to ``<name>.data``, write both files, restore ``model``."""
-    location = f"{path.name}.data"
-    moved: list[tuple[TensorProto, bytes, bool]] = []
-    chunks: list[bytes] = []
-    offset = 0
-    try:
-        for tensor in _initializers(model.graph):
-            if len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
-                continue
-            data = tensor.raw_data
-            padding = -offset % EXTERNAL_ALIGN
-            chunks.extend((b"\0" * padding, data))
-            offset += padding
-            moved.append((tensor, data, tensor.HasField("data_location")))
-            tensor.ClearField("raw_data")
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", offset),
-                               ("length", len(data))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, str(value)
-            offset += len(data)
-        body = model.SerializeToString()
-    finally:
-        for tensor, data, had_location in moved:
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")
-            if had_location:
-                tensor.data_location = TensorProto.DEFAULT
-            tensor.raw_data = data
-    _write_atomically(path, folder, [body], (folder / location, chunks))
-
-
-def _write_atomically(path: Path, folder: Path, chunks: list[bytes],
-                      sidecar: tuple[Path, list[bytes]] | None = None) -> None:
-    """Write every file to a temporary name first; rename the sidecar, then the model."""
+    A failure before that (a full disk, an exception) leaves every target as it was and
+    removes the temporary files; Ctrl-C is held back while the files are renamed. Temporary
+    files get the permissions the target has (or would get from the umask), not mkstemp's 0600.
+    """
     jobs = ([sidecar] if sidecar else []) + [(path, chunks)]
     temps: list[str] = []
     try:
@@ -174,12 +198,14 @@ def _write_atomically(path: Path, folder: Path, chunks: list[bytes],
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
             temps.append(tmp)
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), _mode_for(target))
                 for part in parts:
                     f.write(part)
                 f.flush()
                 os.fsync(f.fileno())
-        for (target, _), tmp in zip(jobs, temps):
-            os.replace(tmp, target)
+        with _interrupts_held():
+            _rename_all([(tmp, target) for tmp, (target, _) in zip(temps, jobs)])
+        _sync_folder(folder)
     except OSError as err:
         raise InputError(f"{path}: cannot write ({err.strerror or err})") from None
     finally:
@@ -187,11 +213,80 @@ def _write_atomically(path: Path, folder: Path, chunks: list[bytes],
             Path(tmp).unlink(missing_ok=True)
 
 
-def _serialized_size(model: ModelProto) -> int:
+def _rename_all(renames: list[tuple[str, Path]]) -> None:
+    """Rename each temporary file onto its target, in order. When a later rename fails, the
+    earlier targets get their old files back (kept as hard links until the last rename), so
+    an old model never meets a new external data file."""
+    undo: list[tuple[Path, Path | None, bool]] = []  # target, its backup, whether it existed
     try:
-        return model.ByteSize()
-    except Exception:  # noqa: BLE001 - some protobuf builds refuse to size huge messages
-        return PROTOBUF_LIMIT + 1
+        for k, (tmp, target) in enumerate(renames):
+            if k < len(renames) - 1:
+                undo.append((target, *_backup(target)))
+            os.replace(tmp, target)
+    except BaseException:
+        for target, backup, existed in reversed(undo):
+            if backup is not None:
+                os.replace(backup, target)
+            elif not existed:
+                target.unlink(missing_ok=True)
+        raise
+    finally:
+        for _, backup, _ in undo:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+
+
+def _backup(target: Path) -> tuple[Path | None, bool]:
+    """A hard link to ``target`` under a fresh name, and whether ``target`` exists (no link
+    where it does not, or where the file system has no hard links)."""
+    if not target.exists():
+        return None, False
+    backup = target.with_name(f".{target.name}.{secrets.token_hex(6)}.old")
+    try:
+        os.link(target, backup)
+    except OSError:
+        return None, True
+    return backup, True
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Defer Ctrl-C (SIGINT) to the end of the block; only the main thread can."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, _frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None
+                      else signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _mode_for(target: Path) -> int:
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames durable (best effort: not every platform can sync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _graphs(graph: GraphProto) -> Iterator[GraphProto]:
@@ -202,11 +297,6 @@ def _graphs(graph: GraphProto) -> Iterator[GraphProto]:
                 yield from _graphs(attr.g)
             for sub in attr.graphs:
                 yield from _graphs(sub)
-
-
-def _initializers(graph: GraphProto) -> Iterator[TensorProto]:
-    for g in _graphs(graph):
-        yield from g.initializer
 
 
 def _all_tensors(model: ModelProto) -> Iterator[TensorProto]:
@@ -232,6 +322,12 @@ def _all_tensors(model: ModelProto) -> Iterator[TensorProto]:
                 yield from attr.tensors
                 if attr.HasField("sparse_tensor"):
                     yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """The whole message on one line (the checker spreads one error over several)."""
+    text = " ".join(str(err).replace("==> Context:", "-").split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _first_line(err: BaseException) -> str:

@@ -6,10 +6,13 @@ Each field's metadata is its command-line help; ``cli.py`` builds the ``rewrite`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
-METHODS = ("auto", "pointwise", "fc", "im2col", "dense")
+METHODS = ("auto", "pointwise", "fc", "depthwise", "im2col", "dense")
+BATCHNORM_MODES = ("fold", "affine", "keep")
 
+MAX_DIM = 2**63 - 1  # ONNX dims are int64
 SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
@@ -24,6 +27,8 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
         raise ValueError(f"expected NAME:DxDxD with integer dims, got {text!r}") from None
     if any(d < 0 for d in shape):
         raise ValueError(f"negative dimension in {text!r}")
+    if any(d > MAX_DIM for d in shape):
+        raise ValueError(f"dimension over {MAX_DIM} (the int64 limit) in {text!r}")
     return name, shape
 
 
@@ -36,16 +41,18 @@ def parse_bytes(text: str) -> int:
         value = float(digits) * SIZE_UNITS[unit]
     except (KeyError, ValueError):
         raise ValueError(f"expected a size such as 64MiB or 1000000, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"negative size {text!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"expected a finite size >= 0, got {text!r}")
     return int(value)
 
 
 @dataclass(frozen=True)
 class RewriteOptions:
     method: str = field(default="auto", metadata={
-        "help": "lowering for every conv: auto picks pointwise for 1x1 kernels, fc when the "
-                "kernel covers the whole padded input, im2col otherwise; dense is the exact "
+        "help": "lowering for every conv: auto picks fc when the kernel covers the whole "
+                "padded input, depthwise (per-tap Mul, no MatMul) for one input channel per "
+                "group unless --split-groups, pointwise for 1x1 kernels, im2col otherwise; "
+                "dense is the exact "
                 "fully connected layer of a fixed input shape (also for ConvTranspose; other "
                 "methods are Conv's, the other ops take their own auto choice)",
         "choices": METHODS})
@@ -68,6 +75,11 @@ class RewriteOptions:
         "parse": parse_bytes, "metavar": "SIZE",
         "help": "largest matrix --method dense builds for one conv, e.g. 64MiB or 1GB; a "
                 "larger conv falls back to the auto choice"})
+    max_output_bytes: int = field(default=4 * 2**30, metadata={
+        "parse": parse_bytes, "metavar": "SIZE",
+        "help": "most bytes the rewrite may add in all (precomputed weights, index tables, "
+                "nodes), estimated per conv before anything is built; the conv that would "
+                "pass it stops the rewrite with an error"})
     strict: bool = field(default=False, metadata={
         "action": "store_true",
         "help": "make it an error when --method cannot take a conv, instead of the fallback "
@@ -77,12 +89,24 @@ class RewriteOptions:
         "help": "leave alone convs whose weight, bias or quantization parameters are computed "
                 "at run time; by default they are lowered with their reshapes done by nodes in "
                 "the graph (weight-only quantizers cannot take such weights)"})
+    batchnorm: str = field(default="affine", metadata={
+        "choices": BATCHNORM_MODES,
+        "help": "an inference BatchNormalization after a lowered conv (onnxruntime folds it "
+                "into a Conv, not into a MatMul, and it stops Transposes cancelling): affine "
+                "makes it Mul + Add, every name kept; fold puts it into the lowered weights "
+                "where the BN alone reads the conv (a little faster; the conv's output name "
+                "goes, so --per-node parity cannot see that conv), else Mul + Add; keep: "
+                "leave it"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.max_dense_bytes < 0:
-            raise ValueError(f"max_dense_bytes must be >= 0, got {self.max_dense_bytes}")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm must be one of {', '.join(BATCHNORM_MODES)}, "
+                             f"got {self.batchnorm!r}")
+        for name in ("max_dense_bytes", "max_output_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def updated(self, **overrides) -> RewriteOptions:
         unknown = set(overrides) - {f.name for f in fields(self)}

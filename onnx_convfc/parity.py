@@ -15,14 +15,14 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto
+from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto, helper
+from onnx.reference import ReferenceEvaluator
 
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
-from .io import InputError, load_model
+from .io import InputError, load_model, save_text
 
 RULE = ("|rewritten - original| <= atol + rtol * |original| for every element; "
         "NaN and Inf pass only where both models produce the same one")
@@ -450,10 +450,7 @@ class ParityReport:
         }
 
     def write_json(self, path: str | os.PathLike) -> None:
-        try:
-            Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        except OSError as err:
-            raise InputError(f"{path}: cannot write ({err.strerror})") from None
+        save_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
 
     def render(self, console) -> None:
         """Print inputs, the rule, one row per output (and per conv), and the summary."""
@@ -563,9 +560,12 @@ def check_parity(original: ModelProto | str | os.PathLike,
             defaults otherwise (``DEFAULT_TOLERANCES``).
         per_node: also compare the output of every conv of the original's main graph.
 
+    Where onnxruntime cannot load or run the original (a float64 Conv on CPU, ``SAME_*``
+    padding with dilations), its outputs come from ``onnx.reference`` and a note says so.
+
     Raises:
         InputError: unreadable models, bad inputs or tolerances, an unavailable provider,
-            or an original model that onnxruntime cannot run.
+            or an original model that neither onnxruntime nor onnx.reference can run.
     """
     if runs < 1:
         raise InputError(f"--runs must be at least 1, got {runs}")
@@ -593,15 +593,21 @@ def check_parity(original: ModelProto | str | os.PathLike,
     feeds = [plan.feeds(run) for run in range(runs)]
     sources = (_source(original, ref_model, per_node), _source(rewritten, new_model, per_node))
     for full in full_names:
-        _compare_on(full, sources, outputs, probes, feeds, tolerances, report)
+        _compare_on(full, sources, outputs, probes, feeds, tolerances, report, ref_model)
     return report
 
 
 def _compare_on(full: str, sources: tuple, outputs: list[str], probes: list[ConvProbe],
-                feeds: list[dict], tolerances: Tolerances, report: ParityReport) -> None:
+                feeds: list[dict], tolerances: Tolerances, report: ParityReport,
+                ref_model: ModelProto) -> None:
     label = short_name(full)
     started = time.perf_counter()
-    ref_session = _session(sources[0], full, report.original)
+    try:
+        ref_session = _session(sources[0], full, report.original)
+    except ProviderError:
+        raise
+    except InputError as err:
+        ref_session = _Reference.instead(ref_model, label, err, report)
     try:
         new_session = _session(sources[1], full, report.rewritten)
     except InputError as err:
@@ -623,7 +629,13 @@ def _compare_on(full: str, sources: tuple, outputs: list[str], probes: list[Conv
     fetch = list(targets)
     for feed in feeds:
         t0 = time.perf_counter()
-        ref = _run(ref_session, fetch, feed, f"{report.original} on {label}")
+        try:
+            ref = _run(ref_session, fetch, feed, f"{report.original} on {label}")
+        except InputError as err:
+            if isinstance(ref_session, _Reference):
+                raise
+            ref_session = _Reference.instead(ref_model, label, err, report)
+            ref = ref_session.run(fetch, feed)
         t1 = time.perf_counter()
         try:
             new = _run(new_session, fetch, feed, report.rewritten)
@@ -675,7 +687,7 @@ def _check_same_inputs(original: ModelProto, rewritten: ModelProto) -> None:
 
 def _session(source: str | bytes, full: str, label: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures become one-line errors, not log lines on stderr
     # Idle onnxruntime threads spin after a run by default, taking the cores from the numpy
     # compare (and from the other model's session) that runs next.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -689,6 +701,43 @@ def _session(source: str | bytes, full: str, label: str) -> ort.InferenceSession
         raise ProviderError(f"onnxruntime could not start {full} for {label} (it fell back to "
                             f"{', '.join(session.get_providers())}); check the install")
     return session
+
+
+class _Reference:
+    """The original run by ``onnx.reference`` where onnxruntime cannot run it: a float64 Conv
+    (no CPU kernel), ``auto_pad=SAME_*`` with dilations (refused), an op the provider lacks.
+    The reference evaluator implements the ONNX spec itself, slowly; it is the arbiter the
+    lowering must agree with. Outputs come back in the dtypes the model declares."""
+
+    def __init__(self, model: ModelProto, why: str) -> None:
+        self.why = why
+        self.dtypes = {o.name: helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type)
+                       for o in model.graph.output if o.type.tensor_type.elem_type}
+        try:
+            self.evaluator = ReferenceEvaluator(model)
+        except Exception as err:  # noqa: BLE001 - the reference raises anything
+            raise self._failed(err) from None
+
+    @classmethod
+    def instead(cls, model: ModelProto, label: str, err: InputError,
+                report: ParityReport) -> _Reference:
+        """Switch to the reference for provider ``label`` and say so in the report."""
+        reference = cls(model, str(err))
+        report.notes.append(f"{label}: {err}; the original's outputs come from onnx.reference "
+                            "(the ONNX spec's reference implementation) instead")
+        return reference
+
+    def run(self, fetch: list[str], feed: dict) -> list:
+        try:
+            results = self.evaluator.run(fetch, feed)
+        except Exception as err:  # noqa: BLE001 - the reference raises anything
+            raise self._failed(err) from None
+        return [np.asarray(r, self.dtypes[n]) if n in self.dtypes and isinstance(r, np.ndarray)
+                else r for n, r in zip(fetch, results)]
+
+    def _failed(self, err: Exception) -> InputError:
+        return InputError(f"{self.why}, and onnx.reference cannot run it either "
+                          f"({_first_line(err)})")
 
 
 def _run(session: ort.InferenceSession, fetch: list[str], feed: dict, label: str) -> list:

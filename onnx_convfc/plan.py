@@ -15,6 +15,9 @@ from .options import RewriteOptions
 
 # Methods that hand a conv they cannot take to the auto choice instead of skipping it.
 FALLS_BACK = ("dense",)
+# Lowerings that emit no MatMul: ``--split-groups`` asks for output whose every conv weight a
+# MatMul-only quantizer can take, so ``auto`` passes them over then.
+GEMM_FREE = ("depthwise",)
 # Weight dtypes whose lowered form onnxruntime's CPU provider runs (measured, onnxruntime 1.32:
 # bfloat16 has no CPU MatMul, Gemm or Pad kernel, so its lowered form would not load).
 LOWERABLE_DTYPES = ("float32", "float16", "float64")
@@ -45,6 +48,8 @@ def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4,
     if _matches(spec.name, None, options.skip):
         return Decision(None, "excluded by --skip")
     note = None
+    if options.split_groups:
+        auto_order = tuple(n for n in auto_order if n not in GEMM_FREE)
     if options.method not in lowerings:
         lowering, refusal = _auto(spec, lowerings, auto_order)
         if lowering is None:
@@ -78,6 +83,21 @@ def dtype_refusal(dtype) -> str | None:
         return None
     return (f"{name} weights: onnxruntime has no CPU MatMul/Pad kernel for {name}, "
             "so the lowered form could not run")
+
+
+def onnxruntime_refuses(op_type: str, spec, dtype) -> str | None:
+    """Why onnxruntime (1.32, CPU) cannot run the original node, or ``None`` (measured). The
+    lowered form follows the ONNX spec either way; ``--verify`` then compares it with
+    ``onnx.reference``."""
+    geometry = getattr(spec, "conv", spec)  # the quantized ops' ConvSpec
+    if op_type in ("Conv", "ConvTranspose") and dtype is not None \
+            and np.dtype(dtype) == np.float64:
+        return f"onnxruntime has no float64 {op_type} kernel on CPU"
+    if op_type != "ConvTranspose" and geometry.auto_pad.startswith("SAME") \
+            and any(d > 1 for d in geometry.dilations):
+        return (f"onnxruntime refuses auto_pad={geometry.auto_pad} with dilations "
+                f"{list(geometry.dilations)}")
+    return None
 
 
 def _auto(spec: ConvSpec, lowerings: Mapping[str, ModuleType],

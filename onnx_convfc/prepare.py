@@ -1,5 +1,7 @@
 """Make a loaded model ready for planning, and say what was changed.
 
+The work is done on a weightless copy (``skeleton.py``): large initializers are placeholders
+whose data stays in the caller's model, or in arrays folded here, until the rewrite is done.
 In order:
 1. declared dims of -1 become unknown dims;
 2. initializers that are also listed as graph inputs become plain constants (old exporters
@@ -15,6 +17,7 @@ In order:
 
 from __future__ import annotations
 
+import math
 from collections import ChainMap, Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,19 +33,19 @@ from onnx import (
     TensorProto,
     helper,
     numpy_helper,
+    shape_inference,
     version_converter,
 )
 from onnx.reference import ReferenceEvaluator
 
 from .options import RewriteOptions
+from .skeleton import LARGE_TENSOR_BYTES, Constant, TensorStore, placeholder, weightless_copy
 
 # Pad with a pads input (11) and Slice with starts/ends/axes/steps inputs (10).
 MIN_OPSET = 11
 # IR 4 is the first that lets an initializer stay out of the graph inputs.
 MIN_IR_WITHOUT_LISTED_INITIALIZERS = 4
 STANDARD_DOMAINS = ("", "ai.onnx")
-# Initializers at least this large travel through the opset converter without their bytes.
-LARGE_TENSOR_BYTES = 4096
 # The inputs, by index, of conv-like ops that hold weights: what folding looks at.
 WEIGHT_INPUTS: dict[str, dict[int, str]] = {
     "Conv": {1: "weight", 2: "bias"},
@@ -50,6 +53,8 @@ WEIGHT_INPUTS: dict[str, dict[int, str]] = {
     "ConvInteger": {1: "weight", 2: "x_zero_point", 3: "w_zero_point"},
     "QLinearConv": {3: "weight", 4: "w_scale", 5: "w_zero_point", 8: "bias"},
 }
+# Most bytes the values of the constant subgraphs folded at once may take.
+MAX_FOLD_BYTES = 4 * 2**30
 RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
               "Multinomial", "Bernoulli"}
 
@@ -67,19 +72,34 @@ def default_opset(model: ModelProto) -> int:
     return 1
 
 
-def prepare_model(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, list[str]]:
-    """Return a prepared copy of ``model`` and notes on what was changed."""
-    copy = ModelProto()
-    copy.CopyFrom(model)
+@dataclass
+class Prepared:
+    """A prepared weightless copy, where its placeholders' data is, and what was changed."""
+
+    model: ModelProto
+    store: TensorStore
+    notes: list[str]
+
+
+def prepare(model: ModelProto, options: RewriteOptions) -> Prepared:
+    """Prepare a weightless copy of ``model``; ``model`` itself is left unchanged."""
+    copy, store = weightless_copy(model)
     ir = copy.ir_version
     notes = unknown_negative_dims(copy)
     notes += constants_from_inputs(copy)
-    notes += fold_weight_cones(copy)
-    notes += upgrade_opset(copy)
+    notes += fold_weight_cones(copy, store)
+    notes += upgrade_opset(copy, store)
     if copy.ir_version != ir:
         notes.append(f"raised the IR version from {ir} to {copy.ir_version}, the lowest that "
                      "allows the opset and unlisted initializers")
-    return copy, notes
+    return Prepared(copy, store, notes)
+
+
+def prepare_model(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, list[str]]:
+    """Return a prepared copy of ``model``, weights included, and notes on what was changed."""
+    prepared = prepare(model, options)
+    prepared.store.fill(prepared.model.graph)
+    return prepared.model, prepared.notes
 
 
 def unknown_negative_dims(model: ModelProto) -> list[str]:
@@ -118,60 +138,27 @@ def constants_from_inputs(model: ModelProto) -> list[str]:
             f"'{listed[0]}'); treated them as constants and removed them from the inputs"]
 
 
-def upgrade_opset(model: ModelProto) -> list[str]:
-    """Convert a model whose default-domain opset is older than ``MIN_OPSET``, in place."""
+def upgrade_opset(model: ModelProto, store: TensorStore) -> list[str]:
+    """Convert a weightless model whose default-domain opset is older than ``MIN_OPSET``, in
+    place. The converter only reads small constants (shapes, axes, scales) and never rewrites
+    a weight, so the placeholders must come out as they went in."""
     opset = default_opset(model)
     if opset >= MIN_OPSET:
         return []
-    stash = _strip_large_initializers(model)
     try:
         converted = version_converter.convert_version(model, MIN_OPSET)
     except Exception as err:  # noqa: BLE001 - the converter raises many error types
-        _restore_initializers(model, stash)
         raise PrepareError(f"cannot upgrade opset {opset} to {MIN_OPSET}: "
                            f"{str(err).strip().splitlines()[0]}") from None
     model.CopyFrom(converted)
-    restored = _restore_initializers(model, stash)
-    if restored != set(stash):
+    lost = store.missing(model.graph)
+    if lost:
         raise PrepareError(f"cannot upgrade opset {opset} to {MIN_OPSET}: the converter "
-                           f"changed initializer(s) {', '.join(sorted(set(stash) - restored))}")
+                           f"changed initializer(s) {', '.join(sorted(lost))}")
     model.ir_version = max(model.ir_version,
                            helper.find_min_ir_version_for(model.opset_import, True))
     return [f"upgraded the default-domain opset from {opset} to {MIN_OPSET} "
             "(the emitted Pad and Slice need it)"]
-
-
-def _strip_large_initializers(model: ModelProto) -> dict[str, bytes]:
-    """Take the bytes out of large initializers (the converter copies the model twice).
-
-    The converter only reads small constants (shapes, axes, scales) and never rewrites a
-    weight's data, so the bytes can be put back by name afterwards.
-    """
-    stash = {}
-    for graph in _graphs(model.graph):
-        for tensor in graph.initializer:
-            if len(tensor.raw_data) >= LARGE_TENSOR_BYTES and tensor.name not in stash:
-                stash[tensor.name] = tensor.raw_data
-                tensor.ClearField("raw_data")
-    return stash
-
-
-def _restore_initializers(model: ModelProto, stash: dict[str, bytes]) -> set[str]:
-    """Put stashed bytes back into the empty initializers of those names; return the names."""
-    restored = set()
-    for graph in _graphs(model.graph):
-        for tensor in graph.initializer:
-            if tensor.name in stash and not tensor.raw_data:
-                tensor.raw_data = stash[tensor.name]
-                restored.add(tensor.name)
-    return restored
-
-
-def _graphs(graph: GraphProto) -> Iterator[GraphProto]:
-    yield graph
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            yield from _graphs(sub)
 
 
 @dataclass
@@ -185,10 +172,14 @@ class _Dynamic(Exception):
     """A weight's cone reaches something that is not a constant; the message says what."""
 
 
-def fold_weight_cones(model: ModelProto) -> list[str]:
-    """Fold, in place, the constant subgraphs that compute conv weights into constants."""
+def fold_weight_cones(model: ModelProto, store: TensorStore | None = None) -> list[str]:
+    """Fold, in place, the constant subgraphs that compute conv weights into constants.
+
+    With a ``store``, ``model`` is weightless: its placeholders' data is read from the store,
+    and large folded values of the main graph are kept there, as arrays, behind placeholders.
+    """
     stats = _FoldStats()
-    _fold_holder(model.graph, {}, list(model.opset_import), stats)
+    _fold_holder(model.graph, {}, list(model.opset_import), stats, store)
     for function in model.functions:
         _fold_holder(function, {}, list(function.opset_import), stats)
     notes = []
@@ -200,24 +191,33 @@ def fold_weight_cones(model: ModelProto) -> list[str]:
     return notes + stats.refused
 
 
-def _fold_holder(holder: Holder, outer: Mapping[str, TensorProto], opsets: list,
-                 stats: _FoldStats) -> None:
-    """Fold the weight cones of one graph or function, then of the graphs nested in it."""
-    consts = ChainMap(_own_constants(holder), outer)
-    producers = {o: i for i, n in enumerate(holder.node) for o in n.output if o}
+def _fold_holder(holder: Holder, outer: Mapping[str, Constant], opsets: list,
+                 stats: _FoldStats, store: TensorStore | None = None) -> None:
+    """Fold the weight cones of one graph or function, then of the graphs nested in it.
+
+    ``store``: the main graph's, when it is weightless (nested graphs keep their data).
+    """
+    consts = ChainMap(_own_constants(holder, store), outer)
+    computed = [w for w in _weight_inputs(holder.node) if w[0] not in consts]
+    producers = {o: i for i, n in enumerate(holder.node) for o in n.output if o} \
+        if computed else {}
     cones: dict[str, set[int]] = {}
-    for name, conv, role in _weight_inputs(holder.node):
-        if name in cones or name in consts or name not in producers:
+    for name, conv, role in computed:
+        if name in cones or name not in producers:
             continue
         try:
             cones[name] = _cone(name, producers, holder, consts)
         except _Dynamic as why:
             stats.refused.append(f"cannot fold the {role} '{name}' of conv '{conv}': {why}; "
                                  "it stays computed at run time")
-    values = _evaluate(holder, cones, consts, opsets, stats)
+    fills = {name: fill for name, cone in cones.items()
+             if (fill := _constant_fill(holder, cone, consts)) is not None}
+    values = _evaluate(holder, {n: c for n, c in cones.items() if n not in fills}, consts,
+                       opsets, stats)
+    values.update(fills)
     if values:
-        _install(holder, values, cones, stats)
-    consts = ChainMap(_own_constants(holder), outer)
+        _install(holder, values, cones, stats, store)
+        consts = ChainMap(_own_constants(holder, store), outer)
     for node in holder.node:
         for sub in _subgraphs(node):
             _fold_holder(sub, consts, opsets, stats)
@@ -235,7 +235,7 @@ def _weight_inputs(nodes) -> Iterator[tuple[str, str, str]]:
 
 
 def _cone(target: str, producers: dict[str, int], holder: Holder,
-          consts: Mapping[str, TensorProto]) -> set[int]:
+          consts: Mapping[str, Constant]) -> set[int]:
     """Indices of the nodes computing ``target`` from constants, or raise ``_Dynamic``."""
     inputs = {v.name for v in holder.input} if isinstance(holder, GraphProto) else \
         set(holder.input)
@@ -261,7 +261,29 @@ def _cone(target: str, producers: dict[str, int], holder: Holder,
     return cone
 
 
-def _evaluate(holder: Holder, cones: dict[str, set[int]], consts: Mapping[str, TensorProto],
+def _constant_fill(holder: Holder, cone: set[int],
+                   consts: Mapping[str, Constant]) -> np.ndarray | None:
+    """The value of a cone that is one ``ConstantOfShape`` of a constant shape, as a read-only
+    broadcast view: it takes no memory until a lowering reorders it (the Model Zoo models
+    bundled with onnx make every weight this way)."""
+    if len(cone) != 1:
+        return None
+    node = holder.node[next(iter(cone))]
+    shape = consts.get(node.input[0]) if node.op_type == "ConstantOfShape" else None
+    if shape is None:
+        return None
+    shape = shape if isinstance(shape, np.ndarray) else numpy_helper.to_array(shape)
+    value = next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"),
+                 np.zeros(1, np.float32))
+    if value.size != 1 or shape.ndim != 1:
+        return None  # malformed: let the evaluator say why
+    dims = tuple(int(d) for d in shape)
+    if min(dims, default=0) < 0 or math.prod(dims) * value.itemsize > MAX_FOLD_BYTES:
+        return None  # the evaluator refuses it with the reason (``_refuse_large_cones``)
+    return np.broadcast_to(value.reshape(()), dims)
+
+
+def _evaluate(holder: Holder, cones: dict[str, set[int]], consts: Mapping[str, Constant],
               opsets: list, stats: _FoldStats) -> dict[str, np.ndarray]:
     """Values of the cone outputs: all at once, or one by one when that fails."""
     if not cones:
@@ -281,7 +303,7 @@ def _evaluate(holder: Holder, cones: dict[str, set[int]], consts: Mapping[str, T
     return values
 
 
-def _run_cones(holder: Holder, cones: dict[str, set[int]], consts: Mapping[str, TensorProto],
+def _run_cones(holder: Holder, cones: dict[str, set[int]], consts: Mapping[str, Constant],
                opsets: list) -> dict[str, np.ndarray]:
     nodes = [holder.node[i] for i in sorted(set().union(*cones.values()))]
     leaves = sorted({i for n in nodes for i in n.input if i in consts})
@@ -289,6 +311,7 @@ def _run_cones(holder: Holder, cones: dict[str, set[int]], consts: Mapping[str, 
                               [helper.make_empty_tensor_value_info(t) for t in cones],
                               [_named(consts[name], name) for name in leaves])
     model = helper.make_model(graph, opset_imports=opsets)
+    _refuse_large_cones(model)
     try:
         results = ReferenceEvaluator(model).run(None, {})
     except Exception:  # noqa: BLE001 - e.g. an op the reference lacks at this opset
@@ -303,18 +326,42 @@ def _run_with_onnxruntime(model: ModelProto) -> list:
     model.ir_version = max(MIN_IR_WITHOUT_LISTED_INITIALIZERS,
                            helper.find_min_ir_version_for(model.opset_import, True))
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # its errors become a note; nothing on stderr
     session = ort.InferenceSession(model.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     return session.run(None, {})
 
 
+def _refuse_large_cones(model: ModelProto) -> None:
+    """Raise before evaluating cones whose values shape inference says would take more than
+    ``MAX_FOLD_BYTES``: a few bytes of ``ConstantOfShape`` can ask for gigabytes. Values of
+    unknown size count as empty (inference is best effort)."""
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - the evaluators report what is wrong with the cone
+        return
+    sizes = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.output):
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor.shape.dim]
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 1
+        sizes[value.name] = math.prod(dims) * itemsize
+    total = sum(sizes.values())
+    if total > MAX_FOLD_BYTES:
+        raise ValueError(f"its values would take {total} bytes, over the {MAX_FOLD_BYTES} "
+                         "bytes folding may compute")
+
+
 def _install(holder: Holder, values: dict[str, np.ndarray], cones: dict[str, set[int]],
-             stats: _FoldStats) -> None:
+             stats: _FoldStats, store: TensorStore | None) -> None:
     """Store the folded values as constants and drop the cone nodes nothing else reads.
 
     A folded tensor whose node must stay (another of its outputs is read) gets a new name,
-    and the convs read that instead.
+    and the convs read that instead. With a ``store``, large values stay arrays in it, behind
+    placeholders.
     """
     candidates = set().union(*(cones[name] for name in values))
     folded, renamed = set(values), set()
@@ -334,19 +381,26 @@ def _install(holder: Holder, values: dict[str, np.ndarray], cones: dict[str, set
     for name in sorted(renamed):
         names[name] = _fresh(f"{name}/folded", taken)
         _rename_weight_inputs(holder.node, name, names[name])
-    tensors = [numpy_helper.from_array(values[name], new) for name, new in sorted(names.items())]
     for k in sorted(removed, reverse=True):
         del holder.node[k]
     if isinstance(holder, GraphProto):
         stale = [k for k, t in enumerate(holder.initializer) if t.name in own_leaves]
         for k in reversed(stale):
+            if store is not None:
+                store.forget(holder.initializer[k].name)
             del holder.initializer[k]
-        holder.initializer.extend(tensors)
+        for name, new in sorted(names.items()):
+            if store is not None and values[name].nbytes >= LARGE_TENSOR_BYTES:
+                placeholder(holder, new, values[name])
+                store.keep(new, values[name])
+            else:
+                holder.initializer.append(numpy_helper.from_array(values[name], new))
     else:
         kept = list(holder.node)
         holder.ClearField("node")
-        holder.node.extend([helper.make_node("Constant", [], [t.name], value=t)
-                            for t in tensors] + kept)
+        holder.node.extend([helper.make_node("Constant", [], [new],
+                                             value=numpy_helper.from_array(values[name], new))
+                            for name, new in sorted(names.items())] + kept)
 
 
 def _fresh(wanted: str, taken: set[str]) -> str:
@@ -402,19 +456,24 @@ def _reads(node: NodeProto) -> set[str]:
     return names
 
 
-def _own_constants(holder: Holder) -> dict[str, TensorProto]:
-    """Initializers (graphs only) and ``Constant`` nodes holding a tensor."""
-    found = {t.name: t for t in holder.initializer} if isinstance(holder, GraphProto) else {}
+def _own_constants(holder: Holder, store: TensorStore | None = None) -> dict[str, Constant]:
+    """Initializers (graphs only; a placeholder's data from ``store``) and ``Constant`` nodes
+    holding a tensor."""
+    found = {t.name: (store.get(t.name, t) if store is not None else t)
+             for t in holder.initializer} if isinstance(holder, GraphProto) else {}
     for node in holder.node:
         if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
             for attr in node.attribute:
                 if attr.name == "value" and attr.type == AttributeProto.TENSOR:
-                    found[node.output[0]] = attr.t
+                    name = node.output[0]
+                    found[name] = store.get(name, attr.t) if store is not None else attr.t
     return found
 
 
-def _named(tensor: TensorProto, name: str) -> TensorProto:
+def _named(tensor: Constant, name: str) -> TensorProto:
     """``tensor`` itself, or a copy named ``name`` (a ``Constant``'s tensor has its own name)."""
+    if isinstance(tensor, np.ndarray):
+        return numpy_helper.from_array(tensor, name)
     if tensor.name == name:
         return tensor
     copy = TensorProto()

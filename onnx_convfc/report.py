@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .io import save_text
+
 
 @dataclass(frozen=True)
 class ConvRow:
@@ -59,7 +61,7 @@ class Report:
         }
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        save_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
 
     def render(self, console) -> None:
         """Print the table, the notes and the summary on a ``rich`` console."""

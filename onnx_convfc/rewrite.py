@@ -10,22 +10,25 @@ swapped in place, so the topological order of the graph is kept.
 from __future__ import annotations
 
 import time
-from collections import ChainMap
+from collections import ChainMap, Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, numpy_helper
 
+from .batchnorm import Affine, as_affine, emit_affine, fold, is_batchnorm
+from .budget import charge, estimate
 from .conv import SpecError
 from .emit import ConstantPool, Emitter, NameScope
 from .families import FAMILIES, Family
 from .lowering.operands import Operand, Runtime, is_runtime, shape_of
 from .options import RewriteOptions
-from .plan import choose, dtype_refusal
-from .prepare import prepare_model
+from .plan import choose, dtype_refusal, onnxruntime_refuses
+from .prepare import default_opset, prepare
 from .report import ConvRow, Report
+from .skeleton import TensorStore, weightless_copy
 
 CONV_DOMAINS = ("", "ai.onnx")
 
@@ -38,27 +41,41 @@ class _Context:
     shapes: dict[str, Shape]
     names: NameScope
     report: Report
-    replaced_inputs: set[str] = field(default_factory=set)
+    store: TensorStore  # the data of the weightless model's placeholders
+    readers: Counter  # name -> how many nodes (and graph outputs) read it
+    dead: set[str] = field(default_factory=set)  # constants nothing reads any more
+    folded_bns: list[tuple[str, str]] = field(default_factory=list)  # (conv, BN output)
+    affine_bns: int = 0  # BNs made Mul + Add
+    opset: int | None = None  # the model's default-domain opset, after preparing
+    added_bytes: int = 0  # estimated, for --max-output-bytes (``budget.py``)
 
 
 def rewrite(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, Report]:
     """Return a rewritten copy of ``model`` and the report of what was done."""
     started = time.perf_counter()
     report = Report()
-    model, notes = prepare_model(model, options)
-    report.notes.extend(notes)
-    ctx = _Context(options, _inferred_shapes(model, options), NameScope(_all_names(model)), report)
-    _rewrite_graph(model.graph, "main", {}, ctx)
+    prepared = prepare(model, options)
+    model = prepared.model
+    report.notes.extend(prepared.notes)
+    names, readers = _names_and_readers(model)
+    ctx = _Context(options, _inferred_shapes(model, options, weightless=True), NameScope(names),
+                   report, prepared.store, readers, opset=default_opset(model))
+    _rewrite_graph(model.graph, "main", {}, ctx, prepared.store)
     for function in model.functions:
         _rewrite_function(function, ctx)
-    _drop_unused_constants(model, ctx.replaced_inputs)
+    _drop_constants(model, ctx.dead)
+    prepared.store.fill(model.graph)
+    report.notes.extend(_batchnorm_notes(ctx))
     report.seconds = time.perf_counter() - started
     return model, report
 
 
-def _rewrite_graph(graph: GraphProto, scope: str, outer: Mapping, ctx: _Context) -> None:
-    consts = ChainMap(_constants(graph.initializer, graph.node), outer)
-    pool = ConstantPool(ctx.names, in_function=False)
+def _rewrite_graph(graph: GraphProto, scope: str, outer: Mapping, ctx: _Context,
+                   store: TensorStore | None = None) -> None:
+    """``store``: where the data of ``graph``'s placeholders is (the main graph's)."""
+    consts = ChainMap(_constants(graph.initializer, graph.node, store), outer)
+    pool = ConstantPool(ctx.names, graph)
+    bns = _BatchNorms.of(graph.node, ctx.options)
     new_nodes = []
     for node in graph.node:
         for attr in node.attribute:
@@ -67,15 +84,18 @@ def _rewrite_graph(graph: GraphProto, scope: str, outer: Mapping, ctx: _Context)
                 _rewrite_graph(attr.g, label, consts, ctx)
             for i, sub in enumerate(attr.graphs):
                 _rewrite_graph(sub, f"{label}[{i}]", consts, ctx)
-        new_nodes.extend(_lower_if_conv(node, consts, pool, scope, ctx))
-    graph.ClearField("node")
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(pool.initializers)
+        if bns.by_input and is_batchnorm(node):
+            new_nodes.extend(_after_lowered_conv(node, consts, pool, ctx, bns))
+        else:
+            new_nodes.extend(_lower_if_conv(node, consts, pool, scope, ctx, bns))
+    if len(new_nodes) != len(graph.node) or any(a is not b for a, b in zip(new_nodes, graph.node)):
+        graph.ClearField("node")
+        graph.node.extend(new_nodes)
 
 
 def _rewrite_function(function: FunctionProto, ctx: _Context) -> None:
     consts = _constants((), function.node)
-    pool = ConstantPool(ctx.names, in_function=True)
+    pool = ConstantPool(ctx.names, None)
     scope = f"function {function.domain}.{function.name}"
     new_nodes = []
     for node in function.node:
@@ -84,8 +104,69 @@ def _rewrite_function(function: FunctionProto, ctx: _Context) -> None:
     function.node.extend(pool.constant_nodes + new_nodes)
 
 
+@dataclass
+class _BatchNorms:
+    """The BatchNormalizations of one graph, by the tensor they read, and the outputs of the
+    graph's lowered convs: (rank, dtype) of each."""
+
+    by_input: dict[str, NodeProto]
+    lowered: dict[str, tuple[int, np.dtype]] = field(default_factory=dict)
+    folded: set[str] = field(default_factory=set)  # outputs of BNs folded into their conv
+
+    @classmethod
+    def of(cls, nodes, options: RewriteOptions) -> _BatchNorms:
+        if options.batchnorm == "keep":
+            return cls({})
+        return cls({n.input[0]: n for n in nodes if is_batchnorm(n) and n.input})
+
+
+def _after_lowered_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, ctx: _Context,
+                        bns: _BatchNorms) -> list[NodeProto]:
+    """A BatchNormalization: gone when folded into its conv, Mul + Add after a lowered conv."""
+    if node.output[0] in bns.folded:
+        _release(ctx, [t for t in node.input[1:] if t in consts])
+        return []
+    if node.input[0] not in bns.lowered:
+        return [node]
+    rank, dtype = bns.lowered[node.input[0]]
+    bn = as_affine(node, lambda name: _constant_array(name, consts), dtype)
+    if bn is None:
+        return [node]
+    em = Emitter(bn.label, pool, ctx.options, ctx.opset)
+    emit_affine(bn, rank, dtype, em)
+    _release(ctx, [t for t in node.input[1:] if t in consts])
+    ctx.affine_bns += 1
+    return em.nodes
+
+
+def _folded_batchnorm(node: NodeProto, spec, weight: Operand, bias: Operand | None,
+                      consts: Mapping, ctx: _Context, bns: _BatchNorms | None) -> Affine | None:
+    """The BN that alone reads this conv's output, when it can be folded into the conv."""
+    bn_node = bns.by_input.get(node.output[0]) if bns else None
+    if bn_node is None or ctx.options.batchnorm != "fold" or node.op_type != "Conv" \
+            or ctx.readers[node.output[0]] != 1 or not isinstance(weight, np.ndarray) \
+            or is_runtime(bias):
+        return None
+    bn = as_affine(bn_node, lambda name: _constant_array(name, consts), weight.dtype)
+    return bn if bn is not None and bn.channels == spec.out_channels else None
+
+
+def _batchnorm_notes(ctx: _Context) -> list[str]:
+    notes = []
+    if ctx.folded_bns:
+        conv, output = ctx.folded_bns[0]
+        notes.append(f"folded {len(ctx.folded_bns)} BatchNormalization(s) into the lowered conv "
+                     f"before each; those convs now write the BN's output (e.g. conv '{conv}' "
+                     f"writes '{output}'), their own output names are gone (--batchnorm affine "
+                     "keeps every name)")
+    if ctx.affine_bns:
+        notes.append(f"made {ctx.affine_bns} BatchNormalization(s) after lowered convs Mul + "
+                     "Add (onnxruntime cannot fold them into a MatMul)")
+    return notes
+
+
 def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: str,
-                   ctx: _Context) -> list[NodeProto]:
+                   ctx: _Context, bns: _BatchNorms | None = None) -> list[NodeProto]:
     family = FAMILIES.get(node.op_type)
     if family is None or node.domain not in CONV_DOMAINS:
         return [node]
@@ -127,13 +208,42 @@ def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: 
     if decision.lowering is None:
         return skip(decision.reason)
 
-    em = Emitter(name, pool, ctx.options)
-    lowerings[decision.lowering].emit(spec, weight, bias, em)
+    lowering = lowerings[decision.lowering]
+    ctx.added_bytes = charge(ctx.added_bytes, estimate(lowering, spec, itemsize, ctx.options),
+                             name, decision.lowering, ctx.options.max_output_bytes)
+    note = decision.note
+    bn = _folded_batchnorm(node, spec, weight, bias, consts, ctx, bns)
+    folded = fold(weight, bias, bn) if bn is not None else None
+    if folded is not None:
+        weight, bias = folded
+        spec = replace(spec, output=bn.node.output[0])
+        bns.folded.add(spec.output)
+        ctx.folded_bns.append((name, spec.output))
+        note = "; ".join(filter(None, [note, f"BatchNormalization '{bn.label}' folded in"]))
+    em = Emitter(name, pool, ctx.options, ctx.opset)
+    lowering.emit(spec, weight, bias, em)
+    if bns is not None and family.float_weights and isinstance(weight, np.ndarray):
+        bns.lowered[spec.output] = (weight.ndim, weight.dtype)
     row["lowering"] = decision.lowering
     row["weight_bytes_after"] = em.const_bytes
-    ctx.report.rows.append(ConvRow(reason=None, note=decision.note, **row))
-    ctx.replaced_inputs.update(node.input[1:])
+    ctx.report.rows.append(ConvRow(reason=None, note=note, **row))
+    refusal = onnxruntime_refuses(node.op_type, spec, getattr(weight, "dtype", None))
+    if refusal:
+        ctx.report.notes.append(f"conv '{name}': {refusal}, so the original cannot run there; "
+                                "it was lowered per the ONNX spec (--verify compares it with "
+                                "onnx.reference)")
+    _release(ctx, [t for t in node.input[1:] if t in consts])
     return em.nodes
+
+
+def _release(ctx: _Context, constants: list[str]) -> None:
+    """One reader fewer for each of ``constants``; one that nothing reads any more is dead,
+    and its data goes now (a folded weight's array), not after the whole rewrite."""
+    for name in constants:
+        ctx.readers[name] -= 1
+        if ctx.readers[name] <= 0:
+            ctx.store.forget(name)
+            ctx.dead.add(name)
 
 
 def _operands(node: NodeProto, family: Family, consts: Mapping,
@@ -154,28 +264,40 @@ def _operands(node: NodeProto, family: Family, consts: Mapping,
     return found
 
 
-def _constants(initializers, nodes) -> dict:
-    """Name -> TensorProto for initializers and ``Constant`` nodes holding a tensor."""
-    found = {t.name: t for t in initializers}
+def _constants(initializers, nodes, store: TensorStore | None = None) -> dict:
+    """Name -> TensorProto (or array) for initializers and ``Constant`` nodes holding a
+    tensor; a placeholder's data comes from ``store``."""
+    found = {t.name: (store.get(t.name, t) if store is not None else t) for t in initializers}
     for node in nodes:
         if node.op_type == "Constant" and node.domain in CONV_DOMAINS:
             for attr in node.attribute:
                 if attr.name == "value" and attr.type == AttributeProto.TENSOR:
-                    found[node.output[0]] = attr.t
+                    name = node.output[0]
+                    found[name] = store.get(name, attr.t) if store is not None else attr.t
     return found
 
 
 def _constant_array(name: str, consts: Mapping) -> np.ndarray | None:
-    tensor = consts.get(name)
-    return None if tensor is None else numpy_helper.to_array(tensor)
+    value = consts.get(name)
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    return numpy_helper.to_array(value)
 
 
-def _inferred_shapes(model: ModelProto, options: RewriteOptions) -> dict[str, Shape]:
-    """Name -> shape (``None`` for unknown dims) of every typed value in the model."""
+def _inferred_shapes(model: ModelProto, options: RewriteOptions,
+                     weightless: bool = False) -> dict[str, Shape]:
+    """Name -> shape (``None`` for unknown dims) of every typed value in the model.
+
+    Inference runs on a weightless copy (it serialises the model it is given, weights too),
+    or on ``model`` itself when it is ``weightless`` already and no input shape is fixed.
+    """
     probe = model
-    if options.input_shapes:
+    if not weightless:
+        probe, _ = weightless_copy(model)
+    elif options.input_shapes:
         probe = ModelProto()
         probe.CopyFrom(model)
+    if options.input_shapes:
         overrides = dict(options.input_shapes)
         for value in probe.graph.input:
             if value.name in overrides:
@@ -190,11 +312,14 @@ def _inferred_shapes(model: ModelProto, options: RewriteOptions) -> dict[str, Sh
         pass
     shapes: dict[str, Shape] = {}
     for graph in _graphs(probe.graph):
+        # Inference gives initializers no value_info; a conv may read one as its data input.
+        shapes.update((t.name, tuple(t.dims)) for t in graph.initializer)
         for value in (*graph.input, *graph.value_info, *graph.output):
             t = value.type.tensor_type
             if t.HasField("shape"):
-                shapes[value.name] = tuple(
-                    d.dim_value if d.dim_value > 0 else None for d in t.shape.dim)
+                shapes[value.name] = tuple(  # a declared 0 is a size (an empty axis)
+                    d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                    for d in t.shape.dim)
     return shapes
 
 
@@ -208,42 +333,36 @@ def _graphs(graph: GraphProto):
                 yield from _graphs(sub)
 
 
-def _all_names(model: ModelProto) -> set[str]:
+def _names_and_readers(model: ModelProto) -> tuple[set[str], Counter]:
+    """Every name in the model, and how many nodes and graph outputs read each tensor."""
     names: set[str] = set()
+    readers: Counter = Counter()
     bodies = [*_graphs(model.graph)]
     for graph in bodies:
         names.update(t.name for t in graph.initializer)
-        names.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
+        names.update(v.name for v in (*graph.input, *graph.value_info))
+        readers.update(v.name for v in graph.output)
     nodes = [n for g in bodies for n in g.node] + [n for f in model.functions for n in f.node]
     for graph_node in nodes:
         names.add(graph_node.name)
-        names.update(graph_node.input)
+        readers.update(graph_node.input)
         names.update(graph_node.output)
-    return names
-
-
-def _drop_unused_constants(model: ModelProto, candidates: set[str]) -> None:
-    """Remove the original weights and biases that no node reads any more."""
-    bodies = [*_graphs(model.graph)]
-    used: set[str] = {o.name for o in model.graph.output}
-    for graph in bodies:
-        used.update(i for n in graph.node for i in n.input)
     for function in model.functions:
-        used.update(i for n in function.node for i in n.input)
-        used.update(function.output)
-    dead = candidates - used
-    for graph in bodies:
-        kept = [t for t in graph.initializer if t.name not in dead]
-        if len(kept) != len(graph.initializer):
-            graph.ClearField("initializer")
-            graph.initializer.extend(kept)
-        _drop_constant_nodes(graph, dead)
+        readers.update(function.output)
+    names.update(readers)
+    return names, readers
+
+
+def _drop_constants(model: ModelProto, dead: set[str]) -> None:
+    """Remove the initializers and ``Constant`` nodes of these names, at any depth."""
+    for graph in _graphs(model.graph):
+        _delete(graph.initializer, lambda t: t.name in dead)
+        _delete(graph.node, lambda n: n.op_type == "Constant" and n.output[0] in dead)
     for function in model.functions:
-        _drop_constant_nodes(function, dead)
+        _delete(function.node, lambda n: n.op_type == "Constant" and n.output[0] in dead)
 
 
-def _drop_constant_nodes(holder, dead: set[str]) -> None:
-    kept = [n for n in holder.node if not (n.op_type == "Constant" and n.output[0] in dead)]
-    if len(kept) != len(holder.node):
-        holder.ClearField("node")
-        holder.node.extend(kept)
+def _delete(items, doomed) -> None:
+    """Delete in place: rebuilding the list would copy every kept item, weights included."""
+    for k in reversed([k for k, item in enumerate(items) if doomed(item)]):
+        del items[k]

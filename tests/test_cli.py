@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo_cnn.onnx"
 DEMO_CONVS = {  # node -> what auto picks
     "stem/conv": "im2col", "block1/expand": "pointwise", "block1/grouped": "im2col",
-    "block2/depthwise": "im2col", "block2/project": "pointwise",
-    "block3/depthwise_x2": "im2col", "block3/pointwise": "pointwise",
+    "block2/depthwise": "depthwise", "block2/project": "pointwise",
+    "block3/depthwise_x2": "depthwise", "block3/pointwise": "pointwise",
     "head/classifier": "fc",
 }
 
@@ -104,7 +104,7 @@ def test_rewrite_writes_beside_the_input_and_keeps_outputs(demo, capsys):
     assert (code, err) == (0, "")
     written = demo.with_name("demo_cnn.convfc.onnx")
     assert f"wrote {written}" in out
-    assert "rewrote 8/8 convs (fc 1, im2col 4, pointwise 3)" in out
+    assert "rewrote 8/8 convs (depthwise 2, fc 1, im2col 2, pointwise 3)" in out
     assert demo.read_bytes() == before
     assert conv_names(written) == set()
     rng = np.random.default_rng(0)
@@ -201,7 +201,7 @@ def test_inspect_prints_the_plan_and_writes_nothing(demo, capsys):
     code, out, err = cli(["inspect", demo], capsys)
     assert (code, err) == (0, "")
     assert listing(demo.parent) == before
-    assert "rewrote 8/8 convs (fc 1, im2col 4, pointwise 3)" in out
+    assert "rewrote 8/8 convs (depthwise 2, fc 1, im2col 2, pointwise 3)" in out
 
 
 def test_inspect_shows_whole_node_names(demo, capsys):

@@ -98,6 +98,8 @@ def expected_methods(case: Case, mode: str, explicit_pads) -> set[str]:
     methods = {"im2col"}
     if all(k == 1 for k in g["kernel"]):
         methods.add("pointwise")
+    if g["group"] > 1 and g["c"] == g["group"]:
+        methods.add("depthwise")
     pads = explicit_pads(g["spatial"], g["kernel"], g["strides"], g["dilations"], g["pads"],
                          case.auto_pad)
     out = _out_spatial(g["spatial"], g["kernel"], g["strides"], g["dilations"], pads)
@@ -107,7 +109,7 @@ def expected_methods(case: Case, mode: str, explicit_pads) -> set[str]:
 
 
 def auto_choice(methods: set[str]) -> str:
-    return next(m for m in ("pointwise", "fc", "im2col") if m in methods)
+    return next(m for m in ("fc", "depthwise", "pointwise", "im2col") if m in methods)
 
 
 def _out_spatial(spatial, kernel, strides, dilations, pads):
@@ -185,7 +187,7 @@ def test_rewritten_conv_matches_onnxruntime_conv(case, mode, explicit_pads, refe
     refs = _references(case, model, w, b, feeds, explicit_pads, reference_conv)
     applicable = expected_methods(case, mode, explicit_pads)
 
-    for method in ("auto", "pointwise", "fc", "im2col"):
+    for method in ("auto", "pointwise", "fc", "depthwise", "im2col"):
         rewritten, report = rewrite_model(model, method=method)
         assert model.SerializeToString() == pristine, "rewrite_model changed its input"
         if method != "auto" and method not in applicable:
@@ -195,7 +197,7 @@ def test_rewritten_conv_matches_onnxruntime_conv(case, mode, explicit_pads, refe
         faithful(model, rewritten, report)
         want = auto_choice(applicable) if method == "auto" else method
         assert report.rows[0].lowering == want
-        _check_weight_layout(rewritten, w, case)
+        _check_weight_layout(rewritten, w, case, report.rows[0].lowering)
         for level_name, level in LEVELS.items():
             sess = _session(rewritten, level)
             for x, ref in zip(feeds, refs):
@@ -205,9 +207,18 @@ def test_rewritten_conv_matches_onnxruntime_conv(case, mode, explicit_pads, refe
                       f"{method} at {level_name}, input {list(x.shape)}")
 
 
-def _check_weight_layout(model: onnx.ModelProto, w: np.ndarray, case: Case) -> None:
-    """FC form: B of the MatMul is ``[K, M]`` (group 1) or ``[g, K/g, M/g]``, conv dtype."""
+def _check_weight_layout(model: onnx.ModelProto, w: np.ndarray, case: Case,
+                         lowering: str) -> None:
+    """FC form: B of the MatMul is ``[K, M]`` (group 1) or ``[g, K/g, M/g]``, conv dtype.
+    Depthwise convs have no GEMM: their per-tap scales hold the weight's numbers."""
     inits = {t.name: t for t in model.graph.initializer}
+    if lowering == "depthwise":
+        assert "MatMul" not in {n.op_type for n in model.graph.node}
+        names = {n.input[1] for n in model.graph.node if n.op_type == "Mul"}
+        scales = [onnx.numpy_helper.to_array(inits[name]) for name in sorted(names)]
+        values = np.concatenate([s.ravel() for s in scales if s.dtype == w.dtype])
+        np.testing.assert_array_equal(np.sort(values), np.sort(w, axis=None))
+        return
     (matmul,) = [n for n in model.graph.node if n.op_type == "MatMul"]
     weight = onnx.numpy_helper.to_array(inits[matmul.input[1]])
     m, c_g = w.shape[:2]
@@ -232,7 +243,7 @@ def test_grid_covers_every_geometry_axis(explicit_pads):
     for case in GRID:
         for mode in SHAPE_MODES:
             methods |= expected_methods(case, mode, explicit_pads)
-    assert methods == {"pointwise", "fc", "im2col"}
+    assert methods == {"pointwise", "fc", "depthwise", "im2col"}
 
 
 @pytest.mark.parametrize("level", [

@@ -10,18 +10,20 @@ from . import (
     convtranspose,
     convtranspose_dense,
     dense,
+    depthwise,
     fc,
     im2col,
     pointwise,
     qlinearconv,
 )
 
-LOWERINGS = {m.NAME: m for m in (pointwise, fc, im2col, dense)}
+LOWERINGS = {m.NAME: m for m in (pointwise, fc, depthwise, im2col, dense)}
 
 # What ``--method auto`` tries, cheapest first: fc needs no Transposes (so it also takes a 1x1
-# conv on a 1x1 input), pointwise no patches, and im2col takes every conv. ``dense`` is only
-# used when asked for: its matrix grows with the square of the feature-map size.
-AUTO_ORDER = ("fc", "pointwise", "im2col")
+# conv on a 1x1 input), depthwise no GEMM of thousands of tiny groups, pointwise no patches,
+# and im2col takes every conv. ``dense`` is only used when asked for: its matrix grows with
+# the square of the feature-map size.
+AUTO_ORDER = ("fc", "depthwise", "pointwise", "im2col")
 
 # The other ops of the conv family (``families.py`` says how each is read).
 CONV_TRANSPOSE_LOWERINGS = {m.NAME: m for m in (convtranspose, convtranspose_dense)}

@@ -10,11 +10,14 @@ repeated per output position], Reshape to ``[N, M, out...]``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..conv import ConvSpec
 from ..convtranspose import ConvTransposeSpec
 from ..emit import Emitter
+from .dense import size_text
 from .weights import dense_matrix
 
 NAME = "dense"
@@ -28,13 +31,13 @@ def applies(spec: ConvTransposeSpec) -> str | None:
 
 def over_budget(spec: ConvTransposeSpec, itemsize: int, max_bytes: int) -> str | None:
     """The reason the matrix of a static ConvTranspose is too large, or ``None``."""
-    rows = spec.in_channels * int(np.prod(spec.input_spatial))
-    cols = spec.out_channels * int(np.prod(spec.output_spatial()))
+    rows = spec.in_channels * math.prod(spec.input_spatial)  # Python ints: no overflow
+    cols = spec.out_channels * math.prod(spec.output_spatial())
     size = rows * cols * itemsize
     if size <= max_bytes:
         return None
-    return (f"matrix [{rows}, {cols}] needs {size / 2**20:.1f} MiB, "
-            f"over --max-dense-bytes {max_bytes / 2**20:.1f} MiB")
+    return (f"matrix [{rows}, {cols}] needs {size_text(size)}, "
+            f"over --max-dense-bytes {size_text(max_bytes)}")
 
 
 def adjoint(spec: ConvTransposeSpec) -> ConvSpec:

@@ -9,6 +9,8 @@ per output position], Reshape to ``[N, M, out...]``. No Transposes, no Pad, no S
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..conv import ConvSpec
@@ -25,9 +27,10 @@ def applies(spec: ConvSpec) -> str | None:
 
 
 def matrix_shape(spec: ConvSpec) -> tuple[int, int]:
-    """``(C*prod(in), M*prod(out))`` of a static conv."""
-    return (spec.in_channels * int(np.prod(spec.input_spatial)),
-            spec.out_channels * int(np.prod(spec.output_spatial())))
+    """``(C*prod(in), M*prod(out))`` of a static conv, in Python ints: declared dims can be
+    large enough to overflow int64, and the budget check must see the true size."""
+    return (spec.in_channels * math.prod(spec.input_spatial),
+            spec.out_channels * math.prod(spec.output_spatial()))
 
 
 def over_budget(spec: ConvSpec, itemsize: int, max_bytes: int) -> str | None:

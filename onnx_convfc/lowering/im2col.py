@@ -1,8 +1,9 @@
 """``im2col``: any conv as patch extraction plus one GEMM.
 
 Matches every conv: static or dynamic spatial sizes, strides, dilations, pads, every
-``auto_pad``, groups and depthwise. Emits: Transpose, [Pad], one strided Slice per kernel
-offset, Concat, MatMul (2-D weight, or batched ``[g, K/g, M/g]`` when grouped), [Add],
+``auto_pad``, groups and depthwise. Emits: the patch rows (a Gather of channels-last rows
+for static sizes, channels-first or channels-last strided Slices + Concat otherwise; see
+``patches.py``), MatMul (2-D weight, or batched ``[g, K/g, M/g]`` when grouped), [Add],
 Transpose.
 """
 

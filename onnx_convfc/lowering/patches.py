@@ -1,20 +1,32 @@
-"""Channels-last patch extraction followed by one GEMM: the body of ``im2col`` and ``pointwise``.
+"""Patch matrices followed by one GEMM: the body of ``im2col`` and ``pointwise``.
 
-The input is turned channels-last once (``[N, spatial..., C]``, or ``[N, g, spatial..., C/g]``
-for grouped convs), padded, and cut into one strided ``Slice`` per kernel offset. Slice ends
-are negative offsets from the end, so the graph stays valid for any run-time spatial size.
-The slices are concatenated along channels and multiplied by the precomputed weight ``B``.
-A pointwise conv is the case with a single offset, where no Concat is needed.
+Patches are rows ``[N, out..., taps*C]`` (``[N, g, L, taps*C/g]`` for grouped convs), ordered
+(kernel offset, channel) to match ``weights.patch_weight``, and multiplied by the precomputed
+weight ``B``. How the rows are built depends on what onnxruntime copies fastest (measured in
+``docs/performance.md``):
+
+- **gather** (static spatial sizes, at least ``SHORT_ROW_CHANNELS`` channels per group):
+  channels-last input, Pad, Reshape to ``[N, pixels, C]``, one ``Gather`` of whole C-rows
+  with int32 indices ``[out..., taps]``, Reshape. One copy of the patch matrix. The indices
+  are stored as per-axis parts whose sum onnxruntime folds (``taps.index_parts``); the
+  parts are shared by every conv of the same geometry.
+- **channels-first** (fewer channels, e.g. an RGB stem, where a C-row is too short to copy
+  well): Pad and one strided ``Slice`` per kernel offset on the NCHW input, Concat on the
+  channel axis, one Transpose of the patches to rows.
+- **slices** (dynamic spatial sizes, and 1x1 kernels): channels-last input, Pad, one strided
+  ``Slice`` per kernel offset (ends are negative offsets from the end, so the graph stays
+  valid for any run-time size), Concat on channels.
+
+Depthwise convs have a GEMM-free lowering of their own, ``depthwise.py``.
 
 ``patch_rows`` and ``to_channels_first`` are the two halves around the GEMM, shared with the
-integer lowerings (which pad with the input zero point and multiply with MatMulInteger).
-The weight and bias may be tensors computed at run time; their layout is then built by
-nodes in the graph (``operands.patch_matrix``).
+integer and ConvTranspose lowerings (the integer ones pad with the input zero point and
+multiply with MatMulInteger). The weight and bias may be tensors computed at run time; their
+layout is then built by nodes in the graph (``operands.patch_matrix``).
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +34,11 @@ import numpy as np
 from ..conv import ConvSpec
 from ..emit import Emitter
 from .operands import Operand, Operands, is_runtime, patch_matrix
+from .taps import index_parts, pad_input, runtime_dims, shape_target, sum_constants, tap_slices
 
-INT64_MAX = np.iinfo(np.int64).max
+# Below this many channels per group a C-row is too short for a Gather or channels-last
+# Slices to copy well; channels-first Slices win (measured: C=8 and C=3 stems).
+SHORT_ROW_CHANNELS = 16
 
 
 @dataclass(frozen=True)
@@ -31,7 +46,9 @@ class PatchRows:
     """Patches ready for a GEMM over their last axis, and what restores ``[N, M, out...]``.
 
     ``rows`` is ``[N, out..., taps*C]`` (group 1) or ``[N, g, L, taps*C/g]`` (grouped, the
-    ``L`` output positions flattened); ``grid`` is the unflattened patches.
+    ``L`` output positions flattened); ``grid`` holds the output spatial sizes on its axes
+    ``1..r`` (group 1) or ``2..r+1`` (grouped), read from it when they are only known at run
+    time.
     """
 
     rows: str
@@ -56,28 +73,85 @@ def emit_patch_gemm(spec: ConvSpec, weight: Operand, bias: Operand | None,
 
 
 def patch_rows(spec: ConvSpec, em: Emitter, pad_value: str | None = None) -> PatchRows:
-    """Channels-last patches of ``spec.input``; padding holds ``pad_value`` (a scalar tensor)
+    """Patches of ``spec.input`` as GEMM rows; padding holds ``pad_value`` (a scalar tensor)
     instead of zeros when given."""
+    if spec.taps == 1:
+        return _slice_rows(spec, em, pad_value)
+    if spec.in_per_group < SHORT_ROW_CHANNELS:
+        return _channels_first_rows(spec, em, pad_value)
+    if spec.is_static:
+        return _gather_rows(spec, em, pad_value)
+    return _slice_rows(spec, em, pad_value)
+
+
+def _slice_rows(spec: ConvSpec, em: Emitter, pad_value: str | None) -> PatchRows:
+    """Channels-last input, Pad, one strided Slice per kernel offset, Concat on channels."""
+    x, first_axis = _channels_last(spec, em)
+    x = pad_input(spec, em, x, first_axis, pad_value)
+    patches = _concat(em, tap_slices(spec, em, x, first_axis), axis=-1)
+    return _flatten_groups(spec, em, patches)
+
+
+def _channels_first_rows(spec: ConvSpec, em: Emitter, pad_value: str | None) -> PatchRows:
+    """Pad and Slice the NCHW input (whole rows of pixels per copy), Concat the taps on the
+    channel axis (tap-major, as ``patch_weight``), one Transpose to channels-last rows."""
+    r, g = spec.rank, spec.group
+    x, first_axis = spec.input, 2
+    if g > 1:  # [N, C, sp...] -> [N, g, C/g, sp...]
+        shape = shape_target(em, "group_shape", [0, g, spec.in_per_group], spec.input_spatial,
+                             x)
+        x, first_axis = em.op("Reshape", [x, shape], "split_groups"), 3
+    x = pad_input(spec, em, x, first_axis, pad_value, channels_last=False)
+    patches = _concat(em, tap_slices(spec, em, x, first_axis), axis=first_axis - 1)
+    lead = list(range(first_axis - 1))
+    patches = em.op("Transpose", [patches], "patches_to_rows",
+                    perm=[*lead, *range(first_axis, first_axis + r), first_axis - 1])
+    return _flatten_groups(spec, em, patches)
+
+
+def _gather_rows(spec: ConvSpec, em: Emitter, pad_value: str | None) -> PatchRows:
+    """Channels-last input, Pad, flatten the pixels, one Gather of whole C-rows."""
+    g, k = spec.group, spec.taps * spec.in_per_group
+    x, first_axis = _channels_last(spec, em)
+    x = pad_input(spec, em, x, first_axis, pad_value)
+    pixels = int(np.prod(spec.padded_spatial()))
+    head = [0] * first_axis  # N, and g when grouped
+    x = em.op("Reshape", [x, em.ints("pixels_shape", [*head, pixels, spec.in_per_group])],
+              "flatten_pixels")
+    index = sum_constants(em, index_parts(spec), "patch_index")
+    patches = em.op("Gather", [x, index], "patches", axis=first_axis)
+    out = [int(o) for o in spec.output_spatial()]  # patches: [N, (g,) out..., taps, C/g]
+    shape = [0, *out, k] if g == 1 else [0, 0, int(np.prod(out)), k]
+    rows = em.op("Reshape", [patches, em.ints("rows_shape", shape)], "patch_rows")
+    return PatchRows(rows, rows)
+
+
+def _channels_last(spec: ConvSpec, em: Emitter) -> tuple[str, int]:
+    """``[N, sp..., C]`` (group 1) or ``[N, g, sp..., C/g]``, and its first spatial axis."""
     r, g = spec.rank, spec.group
     if g == 1:
         x = em.op("Transpose", [spec.input], "to_channels_last", perm=[0, *range(2, r + 2), 1])
-        first_axis = 1
-    else:
-        # [N, C, sp...] -> [N, g, C/g, sp...] -> [N, g, sp..., C/g]
-        shape = _shape(em, "group_shape", [0, g, spec.in_per_group], spec.input_spatial,
-                       spec.input)
-        x = em.op("Reshape", [spec.input, shape], "split_groups")
-        x = em.op("Transpose", [x], "to_channels_last", perm=[0, 1, *range(3, r + 3), 2])
-        first_axis = 2
-    x = _pad(spec, em, x, first_axis, pad_value)
-    patches = _slices(spec, em, x, first_axis)
-    if g == 1:
+        return x, 1
+    # [N, C, sp...] -> [N, g, C/g, sp...] -> [N, g, sp..., C/g]
+    shape = shape_target(em, "group_shape", [0, g, spec.in_per_group], spec.input_spatial,
+                         spec.input)
+    x = em.op("Reshape", [spec.input, shape], "split_groups")
+    return em.op("Transpose", [x], "to_channels_last", perm=[0, 1, *range(3, r + 3), 2]), 2
+
+
+def _flatten_groups(spec: ConvSpec, em: Emitter, patches: str) -> PatchRows:
+    """Group 1: the patches are the rows. Grouped: ``[N, g, osp..., Kg] -> [N, g, L, Kg]``,
+    ready for ``@ [g, Kg, Mg] -> [N, g, L, Mg]``."""
+    if spec.group == 1:
         return PatchRows(patches, patches)
-    # [N, g, osp..., Kg] -> [N, g, L, Kg], ready for @ [g, Kg, Mg] -> [N, g, L, Mg]
     k = spec.taps * spec.in_per_group
     flat = em.op("Reshape", [patches, _positions_shape(spec, em, patches, k)],
                  "flatten_positions")
     return PatchRows(flat, patches)
+
+
+def _concat(em: Emitter, pieces: list[str], axis: int) -> str:
+    return pieces[0] if len(pieces) == 1 else em.op("Concat", pieces, "patches", axis=axis)
 
 
 def to_channels_first(spec: ConvSpec, em: Emitter, y: str, rows: PatchRows) -> None:
@@ -88,8 +162,8 @@ def to_channels_first(spec: ConvSpec, em: Emitter, y: str, rows: PatchRows) -> N
               perm=[0, r + 1, *range(1, r + 1)])
         return
     y = em.op("Transpose", [y], "to_channels_first", perm=[0, 1, 3, 2])
-    out_shape = _shape(em, "out_shape", [0, spec.out_channels], spec.output_spatial(),
-                       rows.grid)
+    out_shape = shape_target(em, "out_shape", [0, spec.out_channels], spec.output_spatial(),
+                             rows.grid)
     em.op("Reshape", [y, out_shape], "merge_groups", output=spec.output)
 
 
@@ -109,88 +183,14 @@ def _matmul_per_group(em: Emitter, flat: str, matrix: np.ndarray) -> str:
     return em.op("Concat", results, "concat_groups", axis=1)
 
 
-def _shape(em: Emitter, what: str, head: list[int], spatial: tuple[int | None, ...],
-           tensor: str) -> str:
-    """``head + spatial`` as a Reshape target: a constant when ``spatial`` is static, else
-    ``spatial`` is read from ``shape(tensor)[2:]`` at run time. The constant also keeps
-    onnxruntime's Reshape fusion from turning the run-time shape into one with ``-1``, which
-    an empty batch cannot resolve."""
-    if None not in spatial:
-        return em.ints(what, [*head, *spatial])
-    return em.op("Concat", [em.ints(f"{what}_head", head),
-                            _dims(em, tensor, 2, 2 + len(spatial))], what, axis=0)
-
-
 def _positions_shape(spec: ConvSpec, em: Emitter, patches: str, k: int) -> str:
     """``[0, 0, L, k]`` with ``L`` the number of output positions spelled out, not ``-1``:
     Reshape cannot resolve ``-1`` for an empty batch, which the Conv accepted."""
     out = spec.output_spatial()
     if None not in out:
         return em.ints("flat_shape", [0, 0, int(np.prod(out)), k])
-    count = _dims(em, patches, 2, 3)
+    count = runtime_dims(em, patches, 2, 3)
     for axis in range(3, 2 + spec.rank):
-        count = em.op("Mul", [count, _dims(em, patches, axis, axis + 1)], "positions")
+        count = em.op("Mul", [count, runtime_dims(em, patches, axis, axis + 1)], "positions")
     return em.op("Concat", [em.ints("keep_batch_and_group", [0, 0]), count,
                             em.ints("patch_size", [k])], "flat_shape", axis=0)
-
-
-def _dims(em: Emitter, tensor: str, start: int, end: int) -> str:
-    """1-D int64 tensor with ``shape(tensor)[start:end]``, taken at run time."""
-    shape = em.op("Shape", [tensor], "shape")
-    return em.op("Slice", [shape, em.ints("dims_start", [start]), em.ints("dims_end", [end])],
-                 "dims")
-
-
-def _pad(spec: ConvSpec, em: Emitter, x: str, first_axis: int, value: str | None) -> str:
-    r = spec.rank
-    lead, trail = [0] * first_axis, [0]
-    fill = [value] if value else []
-    if spec.pads is not None:
-        if not any(spec.pads):
-            return x
-        pads = lead + list(spec.pads[:r]) + trail + lead + list(spec.pads[r:]) + trail
-        return em.op("Pad", [x, em.ints("pads", pads), *fill])
-    return em.op("Pad", [x, _same_pads(spec, em, x, first_axis), *fill])
-
-
-def _same_pads(spec: ConvSpec, em: Emitter, x: str, first_axis: int) -> str:
-    """Run-time pads of ``auto_pad=SAME_*`` when a strided axis has an unknown size.
-
-    total = max(0, (ceil(size / s) - 1) * s + (k - 1) * d + 1 - size), split as the spec says.
-    """
-    r = spec.rank
-    size = _dims(em, x, first_axis, first_axis + r)
-    strides = em.ints("strides", spec.strides)
-    out = em.op("Div", [em.op("Add", [size, em.ints("strides_minus_1",
-                                                    [s - 1 for s in spec.strides])]), strides])
-    span = em.op("Add", [em.op("Mul", [em.op("Sub", [out, em.ints("one", [1])]), strides]),
-                         em.ints("span", [e + 1 for e in spec.extents])])
-    total = em.op("Sub", [span, size])
-    total = em.op("Div", [em.op("Add", [total, em.op("Abs", [total])]), em.ints("two", [2])],
-                  "clamp_at_zero")
-    half = em.op("Div", [total, em.ints("two", [2])])
-    rest = em.op("Sub", [total, half])
-    begin, end = (half, rest) if spec.auto_pad == "SAME_UPPER" else (rest, half)
-    lead = em.ints("pads_lead", [0] * first_axis)
-    trail = em.ints("pads_trail", [0])
-    return em.op("Concat", [lead, begin, trail, lead, end, trail], "same_pads", axis=0)
-
-
-def _slices(spec: ConvSpec, em: Emitter, x: str, first_axis: int) -> str:
-    r = spec.rank
-    axes = em.ints("spatial_axes", list(range(first_axis, first_axis + r)))
-    steps = em.ints("strides", spec.strides)
-    pieces = []
-    for offset in itertools.product(*(range(k) for k in spec.kernel)):
-        starts = [o * d for o, d in zip(offset, spec.dilations)]
-        ends = [b - e if e > b else INT64_MAX for b, e in zip(starts, spec.extents)]
-        whole = not any(starts) and all(e == INT64_MAX for e in ends)
-        if whole and all(s == 1 for s in spec.strides):
-            pieces.append(x)
-            continue
-        tag = "x".join(str(o) for o in offset)
-        pieces.append(em.op("Slice", [x, em.ints(f"starts_{tag}", starts),
-                                      em.ints(f"ends_{tag}", ends), axes, steps], f"tap_{tag}"))
-    if len(pieces) == 1:
-        return pieces[0]
-    return em.op("Concat", pieces, "patches", axis=-1)

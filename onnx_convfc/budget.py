@@ -1,0 +1,155 @@
+"""The ``--max-output-bytes`` guard: what a lowering will add, estimated before it builds it.
+
+``rewrite`` asks ``estimate`` before each conv's ``emit`` and ``charge`` refuses, with a
+``BudgetError``, the conv that would take the running total past the limit, so nothing that
+large is ever allocated: a rewrite's memory stays within the model's own size plus the limit.
+
+Estimates are upper bounds in Python ints (declared dims can be large enough to overflow
+int64) of everything a lowering adds that grows with the conv: the precomputed weight and
+bias, Gather index parts (with their int64 working copies), dense matrices, and
+``NODE_BYTES`` for each emitted node with its small int64 constants (one or more per kernel
+tap). ``tests/test_hostile.py`` checks that every lowering has an estimate and compares each
+with what the lowering really adds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from types import ModuleType
+
+from .conv import ConvSpec
+from .convtranspose import ConvTransposeSpec
+from .lowering import (
+    convinteger,
+    convtranspose,
+    convtranspose_dense,
+    dense,
+    depthwise,
+    fc,
+    im2col,
+    patches,
+    pointwise,
+    qlinearconv,
+)
+from .lowering.dense import size_text
+from .options import RewriteOptions
+from .quantconv import QuantConvSpec
+
+# One emitted node with its names and small constants (measured: 150-400 bytes serialised).
+NODE_BYTES = 512
+# Nodes every lowering emits whatever the kernel: Transposes, Reshapes, Pad, MatMul, Add...
+FIXED_NODES = 32
+# Bytes per entry of a Gather index part while it is built: int64 positions, then int32.
+INDEX_BYTES = 12
+
+
+class BudgetError(ValueError):
+    """The rewrite would add more than ``--max-output-bytes``."""
+
+
+def estimate(lowering: ModuleType, spec, itemsize: int, options: RewriteOptions) -> int:
+    """Upper bound of the bytes ``lowering.emit`` adds for ``spec`` (weights of ``itemsize``)."""
+    return ESTIMATES.get(lowering, _patches)(spec, itemsize, options)
+
+
+def charge(total: int, need: int, conv: str, lowering: str, limit: int) -> int:
+    """``total + need``, or ``BudgetError`` when that passes ``limit``."""
+    if total + need <= limit:
+        return total + need
+    so_far = f" on top of {size_text(total)} already added" if total else ""
+    raise BudgetError(f"conv '{conv}' lowered by {lowering} would add about {size_text(need)}"
+                      f"{so_far}, over --max-output-bytes {size_text(limit)}; raise it, or "
+                      f"leave the conv alone with --skip '{conv}'")
+
+
+def _patches(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
+    """pointwise and im2col (and the depthwise forms they hand over to): the weight in any
+    layout, the bias, up to three nodes per tap (Slice, Mul, Add), and for static sizes the
+    ``[positions, taps]`` Gather indices."""
+    weight = spec.out_channels * spec.in_per_group * spec.taps * itemsize
+    nodes = 3 * spec.taps + FIXED_NODES + (2 * spec.group if options.split_groups else 0)
+    return weight + spec.out_channels * itemsize + nodes * NODE_BYTES + _indices(spec, options)
+
+
+def _indices(spec: ConvSpec, options: RewriteOptions) -> int:
+    """The Gather forms' index parts (``taps.index_parts``: one run of output positions per
+    axis and the taps' offsets, summed in the graph), which grow with the feature map's
+    sides, not with the weight; the Slice forms need none."""
+    if not spec.is_static or spec.taps == 1:
+        return 0
+    gather = spec.in_per_group >= patches.SHORT_ROW_CHANNELS
+    return (sum(spec.output_spatial()) + spec.taps) * INDEX_BYTES if gather else 0
+
+
+def _depthwise(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
+    """The per-tap scales, the bias, up to three nodes per tap and chunk, and the Gather
+    form's index parts."""
+    weight = spec.out_channels * spec.taps * itemsize
+    gather = depthwise.gather_pays(spec)
+    chunks = depthwise.chunk_count(spec, itemsize) if gather else 1
+    indices = (sum(spec.output_spatial()) + spec.taps) * INDEX_BYTES if gather else 0
+    nodes = 3 * spec.taps * chunks + FIXED_NODES
+    return weight + spec.out_channels * itemsize + nodes * NODE_BYTES + indices
+
+
+def _fc(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
+    weight = spec.out_channels * spec.in_per_group * spec.taps * itemsize
+    return weight + spec.out_channels * itemsize + FIXED_NODES * NODE_BYTES
+
+
+def _dense(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
+    """The matrix, the bias per output value, and the (tap, position) tables that place the
+    kernel (``weights.dense_matrix``)."""
+    rows, cols = dense.matrix_shape(spec)
+    positions = math.prod(spec.output_spatial())
+    tables = 4 * 8 * spec.taps * positions
+    return (rows * cols + spec.out_channels * positions) * itemsize + tables \
+        + FIXED_NODES * NODE_BYTES
+
+
+def _subpixel(spec: ConvTransposeSpec, itemsize: int, options: RewriteOptions) -> int:
+    """The phase conv's weight (``M * prod(s)`` output channels over a ``shift + 1`` kernel,
+    built through about three copies) and tiled bias, its tap table, and the phase conv's
+    patch indices over an input the size of the ConvTranspose's."""
+    phases = math.prod(spec.strides)
+    kernel = [(span - 1) // s + 1 for span, s in zip(spec.spans, spec.strides)]
+    taps = math.prod(kernel)
+    weight = 3 * spec.out_channels * phases * spec.in_per_group * taps * itemsize
+    bias = spec.out_channels * phases * itemsize
+    table = 8 * phases * taps
+    static = all(s is not None for s in spec.input_spatial)
+    sides = sum(s + k for s, k in zip(spec.input_spatial, kernel)) if static else 0
+    gather = taps > 1 and spec.in_per_group >= patches.SHORT_ROW_CHANNELS
+    index = (sides + taps) * INDEX_BYTES if gather else 0
+    return weight + bias + table + index + (3 * taps + FIXED_NODES) * NODE_BYTES
+
+
+def _transpose_dense(spec: ConvTransposeSpec, itemsize: int, options: RewriteOptions) -> int:
+    """The matrix (built, then transposed: two copies), bias per output value, tap tables."""
+    rows = spec.in_channels * math.prod(spec.input_spatial)
+    positions = math.prod(spec.output_spatial())
+    cols = spec.out_channels * positions
+    taps = math.prod(spec.kernel)
+    tables = 4 * 8 * taps * math.prod(spec.input_spatial)
+    return (2 * rows * cols + spec.out_channels * positions) * itemsize + tables \
+        + FIXED_NODES * NODE_BYTES
+
+
+def _quantized(spec: QuantConvSpec, itemsize: int, options: RewriteOptions) -> int:
+    """The integer GEMM's patches and weight, plus per-channel int32 bias, zero points and
+    float32 scales."""
+    return _patches(spec.conv, itemsize, options) + 4 * 4 * spec.out_channels
+
+
+ESTIMATES: dict[ModuleType, Callable[..., int]] = {
+    pointwise: _patches,
+    im2col: _patches,
+    depthwise: _depthwise,
+    fc: _fc,
+    dense: _dense,
+    convtranspose: _subpixel,
+    convtranspose_dense: _transpose_dense,
+    convinteger: _quantized,
+    qlinearconv: _quantized,
+}

@@ -1,0 +1,152 @@
+"""Depthwise convs (one input channel per group, any channel multiplier) without a GEMM.
+
+A depthwise conv multiplies each tap by a per-channel scale: as a batched MatMul it is
+``[C, L, taps] @ [C, taps, mult]``, thousands of tiny GEMMs, 7-65x slower than onnxruntime's
+Conv (``docs/performance.md``). These exact forms emit no MatMul, so this lowering has its
+own name in the report; ``auto`` leaves it out under ``--split-groups`` (``plan.GEMM_FREE``)
+and for run-time weights (``families.py``), where im2col's per-group 2-D weights are what
+quantizers take.
+
+- **gather** (static spatial sizes, enough channels per pixel, or a strided or wide kernel):
+  channels-last input, Pad, Reshape to ``[N, pixels, C]``, then per chunk of output rows a
+  ``Gather`` of whole C-rows (int32 indices ``[rows, out..., taps]``, see
+  ``taps.index_parts``), a ``Mul`` by the ``[taps, C]`` weight and a ``ReduceSum`` over the
+  taps; Concat of the chunks, bias Add, Transpose back. Chunks of about ``CHUNK_BYTES`` keep
+  the gathered patches in cache.
+- **shift-add** (otherwise, and for dynamic sizes): channels-first, Pad, one strided
+  ``Slice`` per kernel offset, each times its per-channel scale, summed by an Add chain;
+  no Transposes.
+
+With a channel multiplier the input gets a unit axis (``[.., C, 1]``) that the weight
+``[.., C, mult]`` broadcasts over, and output channel ``c*mult + j`` comes out in place.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ..conv import ConvSpec
+from ..emit import Emitter
+from .operands import Operand, Operands
+from .taps import index_parts, pad_input, shape_target, sum_constants, tap_slices
+
+# Gathered patches per chunk: 0.5-1 MiB measured fastest (5x5 C=192 @40x40: 6.6x the Conv
+# per chunk of 1 MiB vs 15.5x unchunked; 128 KiB chunks 8.0x).
+CHUNK_BYTES = 1 << 20
+# ReduceSum takes its axes as an input from opset 13 on, as an attribute before.
+REDUCE_AXES_INPUT_OPSET = 13
+
+
+NAME = "depthwise"
+
+
+def applies(spec: ConvSpec) -> str | None:
+    if spec.group == 1 or spec.in_per_group != 1:
+        return "not depthwise (needs one input channel per group)"
+    return None
+
+
+def emit(spec: ConvSpec, weight: np.ndarray, bias: Operand | None, em: Emitter) -> None:
+    if gather_pays(spec) and em.opset is not None:
+        _gather_form(spec, weight, bias, em)
+    else:
+        _shift_add_form(spec, weight, bias, em)
+
+
+def gather_pays(spec: ConvSpec) -> bool:
+    """Measured (1 thread): shift-add wins below 32 channels and for 3x3 stride 1 below 128
+    channels (64 @56x56: 4.8x vs 6.4x); gather wins with a stride (128 @56x56 s2: 3.7x vs
+    6.0x), 5x5 kernels (48 @80x80: 9.9x vs 11.9x) and many channels (256 @14x14: 4.3x vs
+    6.8x)."""
+    if not spec.is_static or spec.in_channels < 32:
+        return False
+    return spec.in_channels >= 128 or spec.taps > 9 or any(s > 1 for s in spec.strides)
+
+
+def rows_per_chunk(spec: ConvSpec, itemsize: int) -> int:
+    """Rows of the first output axis whose gathered patches fill about ``CHUNK_BYTES``."""
+    out = [int(o) for o in spec.output_spatial()]
+    per_row = int(np.prod(out[1:])) * spec.taps * spec.out_channels * itemsize
+    return max(1, CHUNK_BYTES // per_row)
+
+
+def chunk_count(spec: ConvSpec, itemsize: int) -> int:
+    return -(-int(spec.output_spatial()[0]) // rows_per_chunk(spec, itemsize))
+
+
+def _tap_scales(spec: ConvSpec, weight: np.ndarray) -> np.ndarray:
+    """``[taps, C, mult]``: the scale of input channel ``c`` for output ``c*mult + j``."""
+    mult = spec.out_channels // spec.in_channels
+    return np.ascontiguousarray(weight.reshape(spec.in_channels, mult, spec.taps)
+                                .transpose(2, 0, 1))
+
+
+def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
+                 em: Emitter) -> None:
+    r, c, m = spec.rank, spec.in_channels, spec.out_channels
+    mult = m // c
+    x = em.op("Transpose", [spec.input], "to_channels_last", perm=[0, *range(2, r + 2), 1])
+    x = pad_input(spec, em, x, 1)
+    pixels = int(np.prod(spec.padded_spatial()))
+    unit = [1] if mult > 1 else []
+    x = em.op("Reshape", [x, em.ints("pixels_shape", [0, pixels, c, *unit])], "flatten_pixels")
+    scales = _tap_scales(spec, weight)
+    scales = em.const("tap_scales", scales if mult > 1 else scales[:, :, 0])
+    first, *rest = index_parts(spec)
+    rest = sum_constants(em, rest, "patch_index_rest")
+    out = [int(o) for o in spec.output_spatial()]
+    step = rows_per_chunk(spec, weight.dtype.itemsize)
+    sums = []
+    for i, start in enumerate(range(0, out[0], step)):
+        index = sum_constants(em, [first[start:start + step], rest], f"patch_index_{i}")
+        patches = em.op("Gather", [x, index], f"patches_{i}", axis=1)  # [N, o.., taps, C(, 1)]
+        terms = em.op("Mul", [patches, scales], f"scale_{i}")
+        sums.append(_reduce_sum(em, terms, 1 + r, f"sum_taps_{i}"))  # [N, o.., C(, mult)]
+    y = sums[0] if len(sums) == 1 else em.op("Concat", sums, "positions", axis=1)
+    if mult > 1:
+        y = em.op("Reshape", [y, em.ints("out_shape", [0, *out, m])], "merge_multiplier")
+    if bias is not None:
+        y = em.op("Add", [y, Operands(em).name(bias, "bias")], "AddBias")
+    em.op("Transpose", [y], "to_channels_first", output=spec.output,
+          perm=[0, r + 1, *range(1, r + 1)])
+
+
+def _reduce_sum(em: Emitter, x: str, axis: int, what: str) -> str:
+    if em.opset >= REDUCE_AXES_INPUT_OPSET:
+        return em.op("ReduceSum", [x, em.ints("tap_axis", [axis])], what, keepdims=0)
+    return em.op("ReduceSum", [x], what, axes=[axis], keepdims=0)
+
+
+def _shift_add_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
+                    em: Emitter) -> None:
+    r, c, m = spec.rank, spec.in_channels, spec.out_channels
+    mult = m // c
+    x, first_axis = spec.input, 2
+    if mult > 1:  # [N, C, sp...] -> [N, C, 1, sp...]
+        shape = shape_target(em, "unit_shape", [0, c, 1], spec.input_spatial, x)
+        x, first_axis = em.op("Reshape", [x, shape], "add_multiplier_axis"), 3
+    x = pad_input(spec, em, x, first_axis, channels_last=False)
+    per_channel = (c, mult) if mult > 1 else (c,)
+    scales = _tap_scales(spec, weight).reshape(spec.taps, *per_channel, *[1] * r)
+    merge = mult > 1
+    tags = ["x".join(map(str, o)) for o in itertools.product(*map(range, spec.kernel))]
+    y = None
+    for tap, (piece, tag) in enumerate(zip(tap_slices(spec, em, x, first_axis), tags)):
+        last = tap == spec.taps - 1 and bias is None and not merge
+        out = spec.output if last else None
+        scale = em.const(f"scale_{tag}", scales[tap])
+        if y is None:
+            y = em.op("Mul", [piece, scale], f"scale_{tag}", output=out)
+        else:
+            term = em.op("Mul", [piece, scale], f"scale_{tag}")
+            y = em.op("Add", [y, term], f"sum_{tag}", output=out)
+    if bias is not None:
+        ops = Operands(em)
+        bias = ops.reshape(bias, (*per_channel, *[1] * r), "bias_per_channel")
+        y = em.op("Add", [y, ops.name(bias, "bias")], "AddBias",
+                  output=None if merge else spec.output)
+    if merge:  # [N, C, mult, osp...] -> [N, M, osp...]
+        shape = shape_target(em, "out_shape", [0, m], spec.output_spatial(), y, start=3)
+        em.op("Reshape", [y, shape], "merge_multiplier", output=spec.output)

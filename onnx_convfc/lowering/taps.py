@@ -1,0 +1,132 @@
+"""Where each kernel offset of a conv reads: padding, one Slice per offset, Gather indices.
+
+The building blocks shared by the patch (GEMM) and depthwise forms. Slices work for any
+run-time spatial size; Gather indices need static sizes. Run-time shapes are read with
+``Shape`` + ``Slice`` so that an empty batch, which Conv accepts, still reshapes.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ..conv import ConvSpec
+from ..emit import Emitter
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def pad_input(spec: ConvSpec, em: Emitter, x: str, first_axis: int, value: str | None = None,
+              channels_last: bool = True) -> str:
+    """Pad the spatial axes ``first_axis..`` of ``x`` (followed by a channel axis when
+    ``channels_last``) as the conv does; with ``value`` instead of zeros when given."""
+    r = spec.rank
+    lead, trail = [0] * first_axis, [0] * channels_last
+    fill = [value] if value else []
+    if spec.pads is not None:
+        if not any(spec.pads):
+            return x
+        pads = lead + list(spec.pads[:r]) + trail + lead + list(spec.pads[r:]) + trail
+        return em.op("Pad", [x, em.ints("pads", pads), *fill])
+    return em.op("Pad", [x, _same_pads(spec, em, x, first_axis, trail), *fill])
+
+
+def _same_pads(spec: ConvSpec, em: Emitter, x: str, first_axis: int, trail: list[int]) -> str:
+    """Run-time pads of ``auto_pad=SAME_*`` when a strided axis has an unknown size.
+
+    total = max(0, (ceil(size / s) - 1) * s + (k - 1) * d + 1 - size), split as the spec says.
+    """
+    r = spec.rank
+    size = runtime_dims(em, x, first_axis, first_axis + r)
+    strides = em.ints("strides", spec.strides)
+    out = em.op("Div", [em.op("Add", [size, em.ints("strides_minus_1",
+                                                    [s - 1 for s in spec.strides])]), strides])
+    span = em.op("Add", [em.op("Mul", [em.op("Sub", [out, em.ints("one", [1])]), strides]),
+                         em.ints("span", [e + 1 for e in spec.extents])])
+    total = em.op("Sub", [span, size])
+    total = em.op("Div", [em.op("Add", [total, em.op("Abs", [total])]), em.ints("two", [2])],
+                  "clamp_at_zero")
+    half = em.op("Div", [total, em.ints("two", [2])])
+    rest = em.op("Sub", [total, half])
+    begin, end = (half, rest) if spec.auto_pad == "SAME_UPPER" else (rest, half)
+    lead = em.ints("pads_lead", [0] * first_axis)
+    tail = [em.ints("pads_trail", trail)] if trail else []
+    return em.op("Concat", [lead, begin, *tail, lead, end, *tail], "same_pads", axis=0)
+
+
+def tap_slices(spec: ConvSpec, em: Emitter, x: str, first_axis: int) -> list[str]:
+    """One strided Slice of the padded ``x`` per kernel offset (row-major), over the spatial
+    axes ``first_axis..``; ends count from the end, so any run-time size works."""
+    r = spec.rank
+    axes = em.ints("spatial_axes", list(range(first_axis, first_axis + r)))
+    steps = em.ints("strides", spec.strides)
+    pieces = []
+    for offset in itertools.product(*(range(k) for k in spec.kernel)):
+        starts = [o * d for o, d in zip(offset, spec.dilations)]
+        ends = [b - e if e > b else INT64_MAX for b, e in zip(starts, spec.extents)]
+        whole = not any(starts) and all(e == INT64_MAX for e in ends)
+        if whole and all(s == 1 for s in spec.strides):
+            pieces.append(x)
+            continue
+        tag = "x".join(str(o) for o in offset)
+        pieces.append(em.op("Slice", [x, em.ints(f"starts_{tag}", starts),
+                                      em.ints(f"ends_{tag}", ends), axes, steps], f"tap_{tag}"))
+    return pieces
+
+
+def index_parts(spec: ConvSpec) -> list[np.ndarray]:
+    """Where each (output position, kernel offset) reads the flattened padded input, in parts.
+
+    The position is the sum of these ``r + 1`` arrays broadcast to ``[o_1, ..., o_r, taps]``:
+    one per output axis (``o_d * stride_d`` times the axis' flat stride), then the offsets of
+    the taps in row-major order. Stored in parts, an index costs ``sum(o_d) + taps`` numbers
+    instead of ``L * taps`` (megabytes for large maps); onnxruntime folds the Adds once per
+    session. int32 unless the padded input is too large. Static ``spec`` only.
+    """
+    padded, out = spec.padded_spatial(), spec.output_spatial()
+    r = spec.rank
+    flat_strides = [int(np.prod(padded[d + 1:], dtype=np.int64)) for d in range(r)]
+    small = int(np.prod(padded, dtype=np.int64)) <= np.iinfo(np.int32).max
+    dtype = np.int32 if small else np.int64
+    parts = []
+    for d in range(r):
+        shape = [1] * (r + 1)
+        shape[d] = out[d]
+        start = np.arange(out[d], dtype=np.int64) * spec.strides[d] * flat_strides[d]
+        parts.append(start.reshape(shape).astype(dtype))
+    offsets = np.zeros((), dtype=np.int64)
+    for d in range(r):
+        step = spec.dilations[d] * flat_strides[d]
+        offsets = offsets[..., None] + np.arange(spec.kernel[d], dtype=np.int64) * step
+    parts.append(offsets.reshape([1] * r + [spec.taps]).astype(dtype))
+    return parts
+
+
+def sum_constants(em: Emitter, parts: list[np.ndarray | str], what: str) -> str:
+    """Emit the broadcast sum of ``parts`` (arrays, or names of tensors already emitted)."""
+    names = [p if isinstance(p, str) else em.const(f"{what}_part{i}", p)
+             for i, p in enumerate(parts)]
+    total = names[0]
+    for i, name in enumerate(names[1:], 1):
+        total = em.op("Add", [total, name], f"{what}_{i}")
+    return total
+
+
+def shape_target(em: Emitter, what: str, head: list[int], spatial: tuple[int | None, ...],
+                 tensor: str, start: int = 2) -> str:
+    """``head + spatial`` as a Reshape target: a constant when ``spatial`` is static, else
+    ``spatial`` is read from ``shape(tensor)[start:]`` at run time. The constant also keeps
+    onnxruntime's Reshape fusion from turning the run-time shape into one with ``-1``, which
+    an empty batch cannot resolve."""
+    if None not in spatial:
+        return em.ints(what, [*head, *spatial])
+    spatial_dims = runtime_dims(em, tensor, start, start + len(spatial))
+    return em.op("Concat", [em.ints(f"{what}_head", head), spatial_dims], what, axis=0)
+
+
+def runtime_dims(em: Emitter, tensor: str, start: int, end: int) -> str:
+    """1-D int64 tensor with ``shape(tensor)[start:end]``, taken at run time."""
+    shape = em.op("Shape", [tensor], "shape")
+    return em.op("Slice", [shape, em.ints("dims_start", [start]), em.ints("dims_end", [end])],
+                 "dims")

@@ -1,0 +1,225 @@
+"""Which form ``lowering/patches.py`` and ``lowering/depthwise.py`` emit, and that each one
+matches onnxruntime's Conv, at the channel counts the grid (3-6 channels) never reaches.
+
+Forms: Gather of C-rows (static sizes, >= 16 channels per group), channels-first Slices
+(fewer channels), channels-last Slices (dynamic sizes), depthwise Gather + Mul + ReduceSum
+in chunks, depthwise shift-add. Each case runs at ORT_ENABLE_ALL and ORT_DISABLE_ALL, with
+other batches (an empty one too) or spatial sizes where its dims are symbolic.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from convfamily import node_model
+from convfamily import run as run_node
+from convmodels import conv_model, random_conv
+from onnx import helper, numpy_helper
+
+from onnx_convfc import rewrite_model
+from onnx_convfc.conv import conv_spec
+from onnx_convfc.lowering.taps import index_parts
+
+LEVELS = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+TOLERANCE = {np.float32: 1e-4, np.float16: 5e-3}
+
+# op types each form must have, and must not have
+FORMS = {
+    "gather": ({"Gather", "MatMul"}, {"Slice", "Concat"}),
+    "channels_first": ({"Slice", "Concat", "MatMul"}, {"Gather"}),
+    "slices": ({"Slice", "Concat", "MatMul"}, {"Gather"}),
+    "dw_gather": ({"Gather", "Mul", "ReduceSum"}, {"MatMul", "Slice"}),
+    "dw_shift_add": ({"Mul"}, {"MatMul", "Gather", "ReduceSum"}),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    form: str
+    c: int
+    m: int
+    kernel: tuple[int, ...]
+    spatial: tuple[int, ...]
+    attrs: dict = field(default_factory=dict)
+    mode: str = "static"  # static | dyn_batch | dyn_all
+    bias: bool = True
+    dtype: type = np.float32
+    opset: int = 17
+
+    @property
+    def group(self) -> int:
+        return self.attrs.get("group", 1)
+
+
+CASES = [
+    Case("3x3-c16", "gather", 16, 8, (3, 3), (9, 9), dict(pads=[1, 1, 1, 1])),
+    Case("3x3-c16-s2-asym-pads", "gather", 16, 8, (3, 3), (10, 9),
+         dict(strides=[2, 2], pads=[0, 1, 2, 1]), bias=False),
+    Case("3x3-c16-dil2-dyn-batch", "gather", 16, 8, (3, 3), (9, 8),
+         dict(dilations=[2, 2], pads=[2, 1, 1, 2]), mode="dyn_batch"),
+    Case("1d-k5-c24-s3", "gather", 24, 5, (5,), (17,), dict(strides=[3], pads=[2, 1])),
+    Case("3d-c16", "gather", 16, 4, (3, 2, 3), (5, 4, 5), dict(pads=[1, 0, 1, 1, 1, 0])),
+    Case("grouped-cg16", "gather", 32, 8, (3, 3), (7, 7), dict(group=2, pads=[1, 1, 1, 1])),
+    Case("grouped-cg16-dyn-batch", "gather", 32, 6, (2, 3), (7, 6),
+         dict(group=2, strides=[2, 1]), mode="dyn_batch"),
+    Case("3x3-c16-fp16", "gather", 16, 8, (3, 3), (8, 8), dict(pads=[1, 1, 1, 1]),
+         dtype=np.float16),
+    Case("3x3-c16-dynamic", "slices", 16, 8, (3, 3), (9, 9), dict(pads=[1, 1, 1, 1]),
+         mode="dyn_all"),
+    Case("stem-3x3-s2", "channels_first", 3, 16, (3, 3), (16, 16),
+         dict(strides=[2, 2], pads=[1, 1, 1, 1])),
+    Case("stem-7x7-s2-dynamic-same", "channels_first", 3, 8, (7, 7), (15, 13),
+         dict(strides=[2, 2], auto_pad="SAME_LOWER"), mode="dyn_all"),
+    Case("stem-1d-c8-dil2", "channels_first", 8, 4, (3,), (20,), dict(dilations=[2])),
+    Case("grouped-cg4-dynamic", "channels_first", 8, 6, (3, 3), (8, 7),
+         dict(group=2, pads=[1, 0, 0, 1]), mode="dyn_all"),
+    Case("dw-c32-s2", "dw_gather", 32, 32, (3, 3), (12, 12),
+         dict(group=32, strides=[2, 2], pads=[1, 1, 1, 1])),
+    Case("dw-c32-5x5-chunks", "dw_gather", 32, 32, (5, 5), (24, 24),
+         dict(group=32, pads=[2, 2, 2, 2])),
+    Case("dw-c32-x2-5x5-dyn-batch", "dw_gather", 32, 64, (5, 5), (11, 10),
+         dict(group=32, pads=[2, 1, 2, 1]), mode="dyn_batch", bias=False),
+    Case("dw-c128-opset11", "dw_gather", 128, 128, (3, 3), (6, 6),
+         dict(group=128, pads=[1, 1, 1, 1]), opset=11),
+    Case("dw-c32-s2-fp16", "dw_gather", 32, 32, (3, 3), (9, 9),
+         dict(group=32, strides=[2, 2]), dtype=np.float16),
+    Case("dw-c8", "dw_shift_add", 8, 8, (3, 3), (9, 9), dict(group=8, pads=[1, 1, 1, 1])),
+    Case("dw-c32-3x3-s1", "dw_shift_add", 32, 32, (3, 3), (9, 9),
+         dict(group=32, pads=[1, 1, 1, 1]), bias=False),
+    Case("dw-c8-x3-dynamic", "dw_shift_add", 8, 24, (3, 3), (9, 8),
+         dict(group=8, strides=[2, 1], auto_pad="SAME_UPPER"), mode="dyn_all"),
+    Case("dw-c8-5x5-fp16", "dw_shift_add", 8, 8, (5, 5), (10, 10),
+         dict(group=8, pads=[2, 2, 2, 2]), dtype=np.float16),
+    Case("dw-c4-1x1-no-bias", "dw_shift_add", 4, 4, (1, 1), (5, 5), dict(group=4), bias=False),
+    Case("dw-c128-dynamic", "dw_shift_add", 128, 128, (3, 3), (6, 6),
+         dict(group=128, strides=[2, 2]), mode="dyn_all"),
+]
+
+
+def _session(model: onnx.ModelProto, level) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def _model(case: Case) -> onnx.ModelProto:
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    w, b = random_conv(rng, case.c, case.m, case.kernel, case.group, case.bias, case.dtype)
+    spatial = list(case.spatial)
+    dims = {"static": None, "dyn_batch": ["N", case.c, *spatial],
+            "dyn_all": ["N", case.c, *[f"d{i}" for i in range(len(spatial))]]}[case.mode]
+    return conv_model((2, case.c, *spatial), w, b, dims=dims, opset=case.opset, **case.attrs)
+
+
+def _inputs(case: Case) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    shapes = [(2, case.c, *case.spatial)]
+    # onnxruntime's Reshape fusion turns a run-time group shape into one with -1, which an
+    # empty batch cannot resolve (see test_lowering_grid.test_empty_batch_...): not ours
+    if case.mode == "dyn_batch" or (case.mode == "dyn_all" and case.group == 1):
+        shapes.append((0, case.c, *case.spatial))
+    if case.mode == "dyn_all":
+        shapes.append((1, case.c, *[s + 3 for s in case.spatial]))
+    return [rng.standard_normal(s).astype(case.dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_form_matches_onnxruntime_conv(case, close, faithful):
+    model = _model(case)
+    rewritten, report = rewrite_model(model)
+    faithful(model, rewritten, report)
+    ops = {n.op_type for n in rewritten.graph.node}
+    wanted, unwanted = FORMS[case.form]
+    assert wanted <= ops and not unwanted & ops, sorted(ops)
+    first_rows = any(n.name.endswith("/patches_to_rows") for n in rewritten.graph.node)
+    assert first_rows == (case.form == "channels_first")
+    reference = _session(model, LEVELS[1])
+    for level in LEVELS:
+        sess = _session(rewritten, level)
+        for x in _inputs(case):
+            ref = reference.run(None, {"X": x})[0]
+            close(sess.run(None, {"X": x})[0], ref, TOLERANCE[case.dtype],
+                  f"{case.id} at {level}, input {list(x.shape)}")
+
+
+def test_gather_index_parts_are_int32_and_shared_by_convs_of_one_geometry(close):
+    """Two 3x3 convs of the same geometry, different weights: one set of index parts, of
+    8 + 8 + 9 numbers (not 64 x 9), summed by Adds that onnxruntime folds."""
+    rng = np.random.default_rng(0)
+    w1, b1 = random_conv(rng, 16, 16, (3, 3))
+    w2, b2 = random_conv(rng, 16, 16, (3, 3))
+    nodes = [helper.make_node("Conv", ["X", "W1", "B1"], ["H"], name="c1", pads=[1] * 4),
+             helper.make_node("Conv", ["H", "W2", "B2"], ["Y"], name="c2", pads=[1] * 4)]
+    inits = [numpy_helper.from_array(a, n) for n, a in
+             (("W1", w1), ("B1", b1), ("W2", w2), ("B2", b2))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "X", onnx.TensorProto.FLOAT, [1, 16, 8, 8])], [helper.make_tensor_value_info(
+            "Y", onnx.TensorProto.FLOAT, [1, 16, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rewritten, _ = rewrite_model(model)
+    inits = {t.name: t for t in rewritten.graph.initializer}
+    parts = {c: sorted(i for n in rewritten.graph.node if n.name.startswith(f"{c}/")
+                       and n.op_type == "Add" and "patch_index" in n.name
+                       for i in n.input if i in inits) for c in ("c1", "c2")}
+    assert parts["c1"] == parts["c2"] and len(parts["c1"]) == 3
+    assert {inits[p].data_type for p in parts["c1"]} == {onnx.TensorProto.INT32}
+    assert sum(int(np.prod(inits[p].dims)) for p in parts["c1"]) == 8 + 8 + 9
+    x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
+    close(_session(rewritten, LEVELS[0]).run(None, {"X": x})[0],
+          _session(model, LEVELS[0]).run(None, {"X": x})[0], 1e-4)
+
+
+def test_index_parts_add_up_to_positions_in_the_padded_input():
+    """3x3, stride 2 over a 5x6 padded input: row 0 of output, then the taps."""
+    model = conv_model((1, 16, 3, 4), np.ones((1, 16, 3, 3), np.float32), strides=[2, 2],
+                       pads=[1, 1, 1, 1])
+    spec = conv_spec(model.graph.node[0], (1, 16, 3, 3), (1, 16, 3, 4))
+    parts = index_parts(spec)
+    assert [p.shape for p in parts] == [(2, 1, 1), (1, 2, 1), (1, 1, 9)]
+    index = functools.reduce(np.add, parts)
+    assert index.dtype == np.int32
+    np.testing.assert_array_equal(index[0, 0], [0, 1, 2, 6, 7, 8, 12, 13, 14])
+    np.testing.assert_array_equal(index[1, 1], index[0, 0] + 2 * 6 + 2)
+
+
+def test_depthwise_gather_works_in_chunks():
+    """5x5 over 24x24 with 32 channels: 75 KiB of patches per output row, so two chunks."""
+    (case,) = [c for c in CASES if c.id == "dw-c32-5x5-chunks"]
+    rewritten, _ = rewrite_model(_model(case))
+    gathers = [n for n in rewritten.graph.node if n.op_type == "Gather"]
+    assert len(gathers) == 2
+    assert [n.op_type for n in rewritten.graph.node].count("Concat") == 1
+
+
+def test_depthwise_keeps_per_group_matmuls_with_split_groups():
+    """Quantizers need 2-D MatMul weights: --split-groups keeps the GEMM form."""
+    (case,) = [c for c in CASES if c.id == "dw-c32-s2"]
+    rewritten, _ = rewrite_model(_model(case), split_groups=True)
+    matmuls = [n for n in rewritten.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 32
+    inits = {t.name: t for t in rewritten.graph.initializer}
+    assert {tuple(inits[n.input[1]].dims) for n in matmuls} == {(9, 1)}
+
+
+def test_conv_integer_gathers_rows_padded_with_the_zero_point():
+    """The integer lowering shares the Gather rows; padding holds the input zero point."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 255, (2, 16, 7, 7), endpoint=True).astype(np.uint8)
+    w = rng.integers(0, 255, (8, 16, 3, 3), endpoint=True).astype(np.uint8)
+    inputs = [("X", x), ("W", w), ("x_zp", np.array(131, np.uint8)),
+              ("w_zp", np.array(120, np.uint8))]
+    model = node_model("ConvInteger", inputs, consts=("W", "x_zp", "w_zp"), pads=[1, 1, 1, 1])
+    rewritten, _ = rewrite_model(model)
+    ops = {n.op_type for n in rewritten.graph.node}
+    assert {"Gather", "MatMulInteger"} <= ops and "ConvInteger" not in ops
+    np.testing.assert_array_equal(run_node(rewritten, {"X": x})[0], run_node(model, {"X": x})[0])
