@@ -34,8 +34,7 @@ import numpy as np
 from onnx import NodeProto, helper
 
 from .emit import Emitter
-
-BN_DOMAINS = ("", "ai.onnx")
+from .graphs import STANDARD_DOMAINS
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class Affine:
 
 
 def is_batchnorm(node: NodeProto) -> bool:
-    return node.op_type == "BatchNormalization" and node.domain in BN_DOMAINS
+    return node.op_type == "BatchNormalization" and node.domain in STANDARD_DOMAINS
 
 
 def as_affine(node: NodeProto, constant: Callable[[str], np.ndarray | None],

@@ -76,17 +76,15 @@ def _indices(spec: ConvSpec, options: RewriteOptions) -> int:
     """The Gather forms' index parts (``taps.index_parts``: one run of output positions per
     axis and the taps' offsets, summed in the graph), which grow with the feature map's
     sides, not with the weight; the Slice forms need none."""
-    if not spec.is_static or spec.taps == 1:
-        return 0
-    gather = spec.in_per_group >= patches.SHORT_ROW_CHANNELS
-    return (sum(spec.output_spatial()) + spec.taps) * INDEX_BYTES if gather else 0
+    return (sum(spec.output_spatial()) + spec.taps) * INDEX_BYTES \
+        if patches.uses_gather(spec) else 0
 
 
 def _depthwise(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
     """The per-tap scales, the bias, up to three nodes per tap and chunk, and the Gather
     form's index parts."""
     weight = spec.out_channels * spec.taps * itemsize
-    gather = depthwise.gather_pays(spec)
+    gather = depthwise.uses_gather(spec)
     chunks = depthwise.chunk_count(spec, itemsize) if gather else 1
     indices = (sum(spec.output_spatial()) + spec.taps) * INDEX_BYTES if gather else 0
     nodes = 3 * spec.taps * chunks + FIXED_NODES
@@ -111,17 +109,13 @@ def _dense(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
 def _subpixel(spec: ConvTransposeSpec, itemsize: int, options: RewriteOptions) -> int:
     """The phase conv's weight (``M * prod(s)`` output channels over a ``shift + 1`` kernel,
     built through about three copies) and tiled bias, its tap table, and the phase conv's
-    patch indices over an input the size of the ConvTranspose's."""
-    phases = math.prod(spec.strides)
-    kernel = [(span - 1) // s + 1 for span, s in zip(spec.spans, spec.strides)]
-    taps = math.prod(kernel)
-    weight = 3 * spec.out_channels * phases * spec.in_per_group * taps * itemsize
-    bias = spec.out_channels * phases * itemsize
+    patch indices."""
+    phase = convtranspose.phase_conv(spec)
+    phases, taps = math.prod(spec.strides), phase.taps
+    weight = 3 * phase.out_channels * phase.in_per_group * taps * itemsize
+    bias = phase.out_channels * itemsize
     table = 8 * phases * taps
-    static = all(s is not None for s in spec.input_spatial)
-    sides = sum(s + k for s, k in zip(spec.input_spatial, kernel)) if static else 0
-    gather = taps > 1 and spec.in_per_group >= patches.SHORT_ROW_CHANNELS
-    index = (sides + taps) * INDEX_BYTES if gather else 0
+    index = _indices(phase, options)
     return weight + bias + table + index + (3 * taps + FIXED_NODES) * NODE_BYTES
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``onnx-convfc rewrite | check | inspect``.
+"""Command line: ``onnx-convfc rewrite | check | inspect | explain | bench``.
 
 This module only parses arguments and calls the public API; rewrite flags are generated
 from ``RewriteOptions`` so the CLI and the Python API take the same options.
@@ -105,7 +105,9 @@ def options_from_args(args: argparse.Namespace) -> RewriteOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnx-convfc", description=__doc__.splitlines()[0],
+    parser = _Parser(prog="onnx-convfc",
+                     description="Rewrite the convolutions of an ONNX model into MatMul "
+                                 "(fully connected) form, prove parity, save it.",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)

@@ -108,13 +108,15 @@ class Emitter:
     def ints(self, what: str, values: Sequence[int]) -> str:
         return self.const(what, np.asarray(values, dtype=np.int64))
 
+    def fresh(self, what: str) -> str:
+        """A new name ``<conv>/convfc/<what>``, unique in the model, for a tensor or node."""
+        return self.pool.names.take(f"{self.prefix}/{what}")
+
     def op(self, op_type: str, inputs: Sequence[str], what: str | None = None,
            output: str | None = None, **attrs) -> str:
         """Append one node and return the name of its (single) output."""
         label = what or op_type
-        out = output or self.pool.names.take(f"{self.prefix}/{label}_out")
-        self.nodes.append(helper.make_node(
-            op_type, list(inputs), [out], name=self.pool.names.take(f"{self.prefix}/{label}"),
-            **attrs,
-        ))
+        out = output or self.fresh(f"{label}_out")
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.fresh(label),
+                                           **attrs))
         return out

@@ -1,32 +1,37 @@
 """``explain``: the dense (fully connected) matrix of a conv, its size and where it comes from.
 
 For a fixed input shape a conv is ``y = x.reshape(N, -1) @ B + b`` with ``B`` of shape
-``[C*prod(in), M*prod(out)]``. This module finds the convs of a model, states ``B``'s shape,
-bytes, non-zeros and density from the geometry alone, and on request builds ``B`` to draw
-its structure (PNG, needs the ``plot`` extra) or to export it (``.npz``).
+``[C*prod(in), M*prod(out)]``. This module finds the convs of a model (every op of the conv
+family, ``families.py``), states ``B``'s shape, bytes, non-zeros and density from the geometry
+alone, and on request builds ``B`` to draw its structure (PNG, needs the ``plot`` extra) or to
+export it (``.npz``). A ConvTranspose's ``B`` is the transpose of its adjoint conv's
+(``lowering/convtranspose_dense.py``); the integer ops have no dense form and are listed only.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import AttributeProto, GraphProto, ModelProto
+from onnx import ModelProto
 
 from .conv import ConvSpec, SpecError, conv_spec
+from .convtranspose import ConvTransposeSpec
+from .families import FAMILIES
+from .graphs import STANDARD_DOMAINS, constant_array, constants, inferred_shapes, scoped_graphs
 from .inputs import check_input_shapes
-from .lowering.dense import matrix_shape, over_budget, size_text
+from .lowering import convtranspose_dense
+from .lowering.dense import matrix_shape, size_text
 from .lowering.weights import dense_matrix
 from .options import RewriteOptions
 from .prepare import prepare_model
-from .rewrite import CONV_DOMAINS, _constant_array, _constants, _inferred_shapes
 
 MAX_PIXELS = 1024  # longest side of the PNG; larger matrices are max-pooled down to it
 MAX_GRID_LINES = 32  # channel-block separators drawn only up to this many channels
 NOT_STATIC = "spatial size is not static"
+NO_DENSE = "no dense form"
 PLOT_HINT = "pip install 'onnx-convfc[plot]'"
 
 
@@ -36,13 +41,18 @@ class ExplainError(ValueError):
 
 @dataclass(frozen=True)
 class ConvEntry:
-    """One conv of the model: its geometry and weight, or why they are not known."""
+    """One conv of the model: its geometry and weight, or why they are not known.
+
+    ``spec`` is a ``ConvTransposeSpec`` for a ConvTranspose, a ``ConvSpec`` otherwise (the
+    integer ops' geometry, which is Conv's).
+    """
 
     node: str
     scope: str
-    spec: ConvSpec | None
+    spec: ConvSpec | ConvTransposeSpec | None
     weight: np.ndarray | None
     problem: str | None = None
+    op_type: str = "Conv"
 
 
 @dataclass(frozen=True)
@@ -51,16 +61,19 @@ class DenseSize:
 
     ``axis_pairs[d]`` counts the (kernel offset, output position) pairs of axis ``d`` whose
     input lies inside the unpadded input; their product is the number of in-bounds taps
-    summed over all output positions, since each axis decides independently.
+    summed over all output positions, since each axis decides independently. ``spec`` is the
+    conv whose matrix ``B`` is, or (``transposed``, for a ConvTranspose) whose transpose.
     """
 
     spec: ConvSpec
     itemsize: int
     axis_pairs: tuple[int, ...]
+    transposed: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
-        return matrix_shape(self.spec)
+        rows, cols = matrix_shape(self.spec)
+        return (cols, rows) if self.transposed else (rows, cols)
 
     @property
     def bytes(self) -> int:
@@ -126,13 +139,16 @@ def render_listing(entries: list[ConvEntry], max_bytes: int, console) -> None:
                   "explain one with --node NAME")
 
 
-def dense_size(spec: ConvSpec, itemsize: int) -> DenseSize:
+def dense_size(spec: ConvSpec | ConvTransposeSpec, itemsize: int) -> DenseSize:
     """From the geometry alone: nothing as large as the matrix (or one axis of it) is built."""
+    transposed = isinstance(spec, ConvTransposeSpec)
+    if transposed:
+        spec = convtranspose_dense.adjoint(spec)
     r = spec.rank
     pairs = tuple(axis_pairs(k, d, s, p, size, out) for k, d, s, p, size, out in zip(
         spec.kernel, spec.dilations, spec.strides, spec.pads[:r], spec.input_spatial,
         spec.output_spatial()))
-    return DenseSize(spec, itemsize, pairs)
+    return DenseSize(spec, itemsize, pairs, transposed)
 
 
 def axis_pairs(kernel: int, dilation: int, stride: int, pad: int, size: int, out: int) -> int:
@@ -150,16 +166,17 @@ def axis_pairs(kernel: int, dilation: int, stride: int, pad: int, size: int, out
 
 
 def find_convs(model: ModelProto, options: RewriteOptions) -> list[ConvEntry]:
-    """Every Conv of the main graph and of If/Loop/Scan bodies, after ``prepare``."""
+    """Every conv-family node of the main graph and of If/Loop/Scan bodies, after
+    ``prepare``."""
     model, _ = prepare_model(model, options)
-    shapes = _inferred_shapes(model, options)
+    shapes = inferred_shapes(model, options.input_shapes)
     consts: dict = {}
-    for graph, _scope in _graphs(model.graph, "main"):
-        consts.update(_constants(graph.initializer, graph.node))
+    for graph, _scope in scoped_graphs(model.graph):
+        consts.update(constants(graph))
     entries = []
-    for graph, scope in _graphs(model.graph, "main"):
+    for graph, scope in scoped_graphs(model.graph):
         for node in graph.node:
-            if node.op_type == "Conv" and node.domain in CONV_DOMAINS:
+            if node.op_type in FAMILIES and node.domain in STANDARD_DOMAINS:
                 entries.append(_entry(node, scope, consts, shapes))
     return entries
 
@@ -176,14 +193,21 @@ def describe(entry: ConvEntry, max_bytes: int) -> list[str]:
     """The lines that explain one conv's dense matrix from its geometry."""
     spec = _usable(entry)
     size = dense_size(spec, entry.weight.dtype.itemsize)
+    lines = _shape_lines(entry, spec, size, max_bytes)
+    if size.transposed:
+        return lines + _adjoint_lines(spec, size)
+    return lines + _sparsity_lines(spec, size)
+
+
+def _shape_lines(entry: ConvEntry, spec: ConvSpec | ConvTransposeSpec, size: DenseSize,
+                 max_bytes: int) -> list[str]:
+    """Where ``B``'s shape and bytes come from: the same for every op with a dense form."""
     rows, cols = size.shape
     ins, outs = list(spec.input_spatial), list(spec.output_spatial())
     in_names, out_names = _axis_names(spec.rank, ""), _axis_names(spec.rank, "O")
     dtype = entry.weight.dtype.name
-    budget = over_budget(spec, size.itemsize, max_bytes)
-    positions = math.prod(outs)
-    pairs = math.prod(size.axis_pairs)
-    lines = [
+    budget = _dense_lowering(entry).over_budget(spec, size.itemsize, max_bytes)
+    return [
         f"{entry.node}: {spec.short()}" + ("" if entry.scope == "main" else f" [{entry.scope}]"),
         f"input [N, {', '.join(map(str, [spec.in_channels, *ins]))}] -> "
         f"output [N, {', '.join(map(str, [spec.out_channels, *outs]))}]: "
@@ -196,6 +220,17 @@ def describe(entry: ConvEntry, max_bytes: int) -> list[str]:
         f"bytes dense {rows}*{cols}*{size.itemsize} B ({dtype}) = {size.bytes} B "
         f"({size_text(size.bytes)}); "
         + (budget or f"fits --max-dense-bytes {size_text(max_bytes)}"),
+    ]
+
+
+def _sparsity_lines(spec: ConvSpec, size: DenseSize) -> list[str]:
+    """A Conv's non-zeros, factored per axis, its density and its block structure."""
+    rows, cols = size.shape
+    outs = list(spec.output_spatial())
+    out_names = _axis_names(spec.rank, "O")
+    positions = math.prod(outs)
+    pairs = math.prod(size.axis_pairs)
+    lines = [
         f"non-zeros   M * C/g * in-bounds taps summed over output positions = "
         f"{spec.out_channels} * {spec.in_per_group} * {pairs} = {size.nnz}",
         "  the in-bounds taps factor per axis (outputs x taps, minus taps in the padding):",
@@ -211,6 +246,24 @@ def describe(entry: ConvEntry, max_bytes: int) -> list[str]:
         f"structure   {_structure(spec)}",
     ]
     return lines
+
+
+def _adjoint_lines(spec: ConvTransposeSpec, size: DenseSize) -> list[str]:
+    """A ConvTranspose's non-zeros and density, through its adjoint conv."""
+    rows, cols = size.shape
+    adjoint = size.spec
+    return [
+        f"adjoint     B is the transpose of the matrix of the conv [M, {_dims(adjoint)}] -> "
+        f"[C, {_dims(spec)}] with the same weight, strides, dilations and begin pads",
+        f"non-zeros   C * M/g * in-bounds taps of that conv summed over its output positions = "
+        f"{spec.in_channels} * {spec.out_per_group} * {math.prod(size.axis_pairs)} = "
+        f"{size.nnz}",
+        f"density     {size.nnz} / ({rows}*{cols}) = {size.density:.4%}",
+    ]
+
+
+def _dims(spec: ConvSpec | ConvTransposeSpec) -> str:
+    return "x".join(map(str, spec.input_spatial))
 
 
 def listing_rows(entries: list[ConvEntry], max_bytes: int) -> list[tuple[str, ...]]:
@@ -234,9 +287,11 @@ def listing_rows(entries: list[ConvEntry], max_bytes: int) -> list[tuple[str, ..
 def build_matrix(entry: ConvEntry, max_bytes: int) -> np.ndarray:
     """``B`` itself, refused above ``max_bytes`` so a request cannot exhaust memory."""
     spec = _usable(entry)
-    refusal = over_budget(spec, entry.weight.dtype.itemsize, max_bytes)
+    refusal = _dense_lowering(entry).over_budget(spec, entry.weight.dtype.itemsize, max_bytes)
     if refusal:
         raise ExplainError(f"conv '{entry.node}': {refusal}; raise it to build this matrix")
+    if isinstance(spec, ConvTransposeSpec):
+        return convtranspose_dense.matrix(entry.weight, spec)
     return dense_matrix(entry.weight, spec)
 
 
@@ -312,15 +367,27 @@ def _save(path: str | os.PathLike, write) -> None:
 
 
 def _entry(node, scope: str, consts: dict, shapes: dict) -> ConvEntry:
-    name = node.name or node.output[0]
-    weight = _constant_array(node.input[1], consts) if len(node.input) > 1 else None
+    name, op_type = node.name or node.output[0], node.op_type
+    family = FAMILIES[op_type]
+    index = family.weight
+    weight = constant_array(node.input[index], consts) if len(node.input) > index else None
     if weight is None:
-        return ConvEntry(name, scope, None, None, "weight is not constant")
-    try:
-        spec = conv_spec(node, weight.shape, shapes.get(node.input[0]))
+        return ConvEntry(name, scope, None, None, "weight is not constant", op_type)
+    input_shape = shapes.get(node.input[0])
+    try:  # the integer ops carry Conv's attributes: their geometry is a ConvSpec
+        spec = family.build(node, name, weight.shape, input_shape, {}) \
+            if not family.params else conv_spec(node, weight.shape, input_shape)
     except SpecError as err:
-        return ConvEntry(name, scope, None, weight, f"invalid conv: {err}")
-    return ConvEntry(name, scope, spec, weight, None if spec.is_static else NOT_STATIC)
+        return ConvEntry(name, scope, None, weight, f"invalid conv: {err}", op_type)
+    if "dense" not in family.lowerings:
+        return ConvEntry(name, scope, spec, weight, f"{NO_DENSE}: {op_type} has no dense "
+                         "matrix (only Conv and ConvTranspose have one)", op_type)
+    return ConvEntry(name, scope, spec, weight, None if spec.is_static else NOT_STATIC, op_type)
+
+
+def _dense_lowering(entry: ConvEntry):
+    """The op's ``dense`` lowering module (``over_budget`` and the matrix it builds)."""
+    return FAMILIES[entry.op_type].lowerings["dense"]
 
 
 def _usable(entry: ConvEntry) -> ConvSpec:
@@ -328,17 +395,6 @@ def _usable(entry: ConvEntry) -> ConvSpec:
         hint = "; fix it with --input-shape NAME:DxDx.." if entry.problem == NOT_STATIC else ""
         raise ExplainError(f"conv '{entry.node}': {entry.problem}{hint}")
     return entry.spec
-
-
-def _graphs(graph: GraphProto, scope: str) -> Iterator[tuple[GraphProto, str]]:
-    yield graph, scope
-    for node in graph.node:
-        for attr in node.attribute:
-            label = f"{scope}/{node.name or node.op_type}.{attr.name}"
-            if attr.type == AttributeProto.GRAPH:
-                yield from _graphs(attr.g, label)
-            for i, sub in enumerate(attr.graphs):
-                yield from _graphs(sub, f"{label}[{i}]")
 
 
 def _axis_names(rank: int, prefix: str) -> list[str]:

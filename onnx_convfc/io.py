@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 import onnx
-from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
+from onnx import GraphProto, ModelProto, TensorProto
 
+from .graphs import graphs, subgraphs
 from .serialize import ExternalLayout, TooLarge, model_chunks
 from .skeleton import data_nbytes
 
@@ -117,7 +118,7 @@ def check_structure(model: ModelProto, where: str = "model") -> None:
     Raises:
         InputError: with the checker's message on one line.
     """
-    shapeless = [v for g in _graphs(model.graph) for v in (*g.input, *g.output)
+    shapeless = [v for g in graphs(model.graph) for v in (*g.input, *g.output)
                  if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
     external = [(t, list(t.dims), [(e.key, e.value) for e in t.external_data])
                 for t in _all_tensors(model) if t.data_location == TensorProto.EXTERNAL]
@@ -289,27 +290,12 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _graphs(graph: GraphProto) -> Iterator[GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)
-
-
 def _all_tensors(model: ModelProto) -> Iterator[TensorProto]:
     """Every tensor that may hold data: initializers and tensor attributes, at any depth."""
-    holders = [*_graphs(model.graph)]
+    holders = [*graphs(model.graph)]
     for function in model.functions:
         holders.append(function)
-        for node in function.node:
-            for attr in node.attribute:
-                if attr.type == AttributeProto.GRAPH:
-                    holders.extend(_graphs(attr.g))
-                for sub in attr.graphs:
-                    holders.extend(_graphs(sub))
+        holders.extend(g for node in function.node for sub in subgraphs(node) for g in graphs(sub))
     for holder in holders:
         if isinstance(holder, GraphProto):
             yield from holder.initializer

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 
 METHODS = ("auto", "pointwise", "fc", "depthwise", "im2col", "dense")
 BATCHNORM_MODES = ("fold", "affine", "keep")
+OBJECTIVES = ("rules", "latency")
 
 MAX_DIM = 2**63 - 1  # ONNX dims are int64
 SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
@@ -30,6 +31,17 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     if any(d > MAX_DIM for d in shape):
         raise ValueError(f"dimension over {MAX_DIM} (the int64 limit) in {text!r}")
     return name, shape
+
+
+def parse_seconds(text: str) -> float:
+    """``"60"`` -> ``60.0``; finite and >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
 
 
 def parse_bytes(text: str) -> int:
@@ -97,6 +109,25 @@ class RewriteOptions:
                 "where the BN alone reads the conv (a little faster; the conv's output name "
                 "goes, so --per-node parity cannot see that conv), else Mul + Add; keep: "
                 "leave it"})
+    objective: str = field(default="rules", metadata={
+        "choices": OBJECTIVES,
+        "help": "how auto picks a lowering: rules decides from the geometry (the thresholds "
+                "measured in docs/performance.md); latency times every lowering that takes a "
+                "Conv, once per distinct geometry with static sizes, on onnxruntime CPU and "
+                "keeps the fastest (the report says the choice and the gain)"})
+    latency_cache: str | None = field(default=None, metadata={
+        "metavar": "FILE",
+        "help": "JSON file of --objective latency timings, read and updated, so rewrites "
+                "of models with the same conv geometries time them once; without it they "
+                "last one rewrite"})
+    latency_threads: int = field(default=0, metadata={
+        "type": int, "metavar": "N",
+        "help": "intra-op threads of the sessions --objective latency times; 0 = "
+                "onnxruntime's default (time with the count you will deploy with)"})
+    latency_budget_s: float = field(default=120.0, metadata={
+        "parse": parse_seconds, "metavar": "SECONDS",
+        "help": "most seconds --objective latency spends building and timing candidates; "
+                "geometries left when it is spent keep the rules' choice"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -104,7 +135,11 @@ class RewriteOptions:
         if self.batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm must be one of {', '.join(BATCHNORM_MODES)}, "
                              f"got {self.batchnorm!r}")
-        for name in ("max_dense_bytes", "max_output_bytes"):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, "
+                             f"got {self.objective!r}")
+        for name in ("max_dense_bytes", "max_output_bytes", "latency_threads",
+                     "latency_budget_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -21,6 +21,8 @@ import onnxruntime as ort
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto, helper
 from onnx.reference import ReferenceEvaluator
 
+from .families import FAMILIES
+from .graphs import STANDARD_DOMAINS
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
 from .io import InputError, load_model, save_text
 
@@ -36,7 +38,6 @@ DEFAULT_TOLERANCES = {
 }
 SHORT_DTYPES = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 EP_SUFFIX = "ExecutionProvider"
-CONV_DOMAINS = ("", "ai.onnx")
 
 
 class ProviderError(InputError):
@@ -263,7 +264,8 @@ class Comparison:
     provider: str
     tensor: str
     node: str | None = None
-    rewritten: bool = True  # per-node rows: whether the conv was lowered or left as a Conv
+    rewritten: bool = True  # per-node rows: whether the conv was lowered or left as it was
+    detail: str | None = None  # per-node rows: what else the reader should know about the row
     dtype: str = "?"
     shape: tuple[int, ...] = ()
     tolerance: Tolerance | None = None
@@ -308,7 +310,7 @@ class Comparison:
         data = {"provider": self.provider, "tensor": self.tensor, "passed": self.passed,
                 "dtype": self.dtype, "shape": list(self.shape), "problem": self.problem}
         if self.node is not None:
-            data.update(node=self.node, rewritten=self.rewritten)
+            data.update(node=self.node, rewritten=self.rewritten, detail=self.detail)
         if self.tolerance is not None:
             data.update(atol=self.tolerance.atol, rtol=self.tolerance.rtol,
                         tolerance=self.tolerance.describe())
@@ -326,6 +328,7 @@ class ConvProbe:
     node: str
     tensor: str
     rewritten: bool
+    detail: str | None = None
 
 
 def conv_probes(original: ModelProto, rewritten: ModelProto
@@ -342,7 +345,9 @@ def conv_probes(original: ModelProto, rewritten: ModelProto
                 unexposed.append((name, f"output '{tensor}' is not computed in the rewritten "
                                         "main graph"))
             else:
-                probes.append(ConvProbe(name, tensor, not _is_conv(producer)))
+                kept = _is_conv(producer)
+                probes.append(ConvProbe(name, tensor, not kept,
+                                        f"kept as {producer.op_type}" if kept else None))
         for where, inner in _subgraph_convs(node):
             unexposed.append((inner.name or inner.output[0],
                               f"inside {where}: subgraph values cannot be model outputs"))
@@ -356,7 +361,8 @@ def conv_probes(original: ModelProto, rewritten: ModelProto
 
 
 def _is_conv(node: NodeProto) -> bool:
-    return node.op_type == "Conv" and node.domain in CONV_DOMAINS
+    """An op of the conv family (``families.py``): Conv, ConvTranspose, ConvInteger, ..."""
+    return node.op_type in FAMILIES and node.domain in STANDARD_DOMAINS
 
 
 def _subgraph_convs(node: NodeProto) -> Iterator[tuple[str, NodeProto]]:
@@ -472,7 +478,7 @@ class ParityReport:
         if self.nodes:
             console.print("per conv, in topological order:")
             self._print_table(console, "conv", self.nodes,
-                              lambda c: c.node if c.rewritten else f"{c.node} (kept as Conv)",
+                              lambda c: f"{c.node} ({c.detail})" if c.detail else c.node,
                               ("ok", "DIVERGES"))
         for provider in self.providers:
             first = self.first_divergence(provider)
@@ -621,7 +627,7 @@ def _compare_on(full: str, sources: tuple, outputs: list[str], probes: list[Conv
         if name not in new_names:
             row.problem = "missing in the rewritten model"
         rows.append(row)
-    nodes = [Comparison(label, p.tensor, p.node, p.rewritten) for p in probes]
+    nodes = [Comparison(label, p.tensor, p.node, p.rewritten, p.detail) for p in probes]
     targets: dict[str, list[Comparison]] = {}  # a conv's output can also be a graph output
     for row in rows + nodes:
         if row.problem is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from types import ModuleType
@@ -36,11 +36,15 @@ class Decision:
 
 def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4,
            lowerings: Mapping[str, ModuleType] = LOWERINGS,
-           auto_order: tuple[str, ...] = AUTO_ORDER) -> Decision:
+           auto_order: tuple[str, ...] = AUTO_ORDER,
+           pick: Callable[[ConvSpec, str, tuple[str, ...]], tuple[str, str | None]]
+           | None = None) -> Decision:
     """Pick the lowering of one conv; ``itemsize`` is its weight's, for the dense budget.
 
     ``lowerings`` and ``auto_order`` are those of the conv's op (``families.py``); a
-    ``--method`` the op has no lowering of means the op's auto choice.
+    ``--method`` the op has no lowering of means the op's auto choice. ``pick``
+    (``--objective latency``, ``objective.py``) may replace the auto choice by another of the
+    lowerings that take the conv, and give the note that says why.
 
     Raises:
         PlanError: with ``--strict``, when ``--method`` cannot take a selected conv.
@@ -54,8 +58,11 @@ def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4,
         lowering, refusal = _auto(spec, lowerings, auto_order)
         if lowering is None:
             return Decision(None, refusal)
+        if pick is not None:
+            lowering, note = pick(spec, lowering,
+                                  _candidates(spec, options, itemsize, lowerings, auto_order))
     else:
-        refusal = _refusal(spec, options, itemsize, lowerings)
+        refusal = _refusal(spec, options.method, options, itemsize, lowerings)
         if refusal:
             problem = f"{options.method} does not apply: {refusal}"
             selected = not options.only or _matches(spec.name, options.method, options.only)
@@ -112,9 +119,19 @@ def _auto(spec: ConvSpec, lowerings: Mapping[str, ModuleType],
     return None, refusal
 
 
-def _refusal(spec: ConvSpec, options: RewriteOptions, itemsize: int,
+def _candidates(spec: ConvSpec, options: RewriteOptions, itemsize: int,
+                lowerings: Mapping[str, ModuleType],
+                auto_order: tuple[str, ...]) -> tuple[str, ...]:
+    """Every lowering that takes the conv, auto order first, then the dense forms that fit
+    ``--max-dense-bytes``; none that ``--skip`` names."""
+    dense = [n for n, m in lowerings.items() if hasattr(m, "over_budget") and n not in auto_order]
+    return tuple(n for n in (*auto_order, *dense) if not _matches(None, n, options.skip)
+                 and _refusal(spec, n, options, itemsize, lowerings) is None)
+
+
+def _refusal(spec: ConvSpec, name: str, options: RewriteOptions, itemsize: int,
              lowerings: Mapping[str, ModuleType]) -> str | None:
-    lowering = lowerings[options.method]
+    lowering = lowerings[name]
     refusal = lowering.applies(spec)
     if refusal is None and hasattr(lowering, "over_budget"):  # the dense forms
         refusal = lowering.over_budget(spec, itemsize, options.max_dense_bytes)

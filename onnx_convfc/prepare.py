@@ -21,11 +21,9 @@ import math
 from collections import ChainMap, Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 from onnx import (
-    AttributeProto,
     FunctionProto,
     GraphProto,
     ModelProto,
@@ -38,6 +36,8 @@ from onnx import (
 )
 from onnx.reference import ReferenceEvaluator
 
+from .families import FAMILIES
+from .graphs import STANDARD_DOMAINS, Holder, constants, subgraphs
 from .options import RewriteOptions
 from .skeleton import LARGE_TENSOR_BYTES, Constant, TensorStore, placeholder, weightless_copy
 
@@ -45,20 +45,14 @@ from .skeleton import LARGE_TENSOR_BYTES, Constant, TensorStore, placeholder, we
 MIN_OPSET = 11
 # IR 4 is the first that lets an initializer stay out of the graph inputs.
 MIN_IR_WITHOUT_LISTED_INITIALIZERS = 4
-STANDARD_DOMAINS = ("", "ai.onnx")
-# The inputs, by index, of conv-like ops that hold weights: what folding looks at.
+# The inputs, by index, of conv-like ops that the rewrite wants constant (weights, biases,
+# quantization operands): what folding looks at.
 WEIGHT_INPUTS: dict[str, dict[int, str]] = {
-    "Conv": {1: "weight", 2: "bias"},
-    "ConvTranspose": {1: "weight", 2: "bias"},
-    "ConvInteger": {1: "weight", 2: "x_zero_point", 3: "w_zero_point"},
-    "QLinearConv": {3: "weight", 4: "w_scale", 5: "w_zero_point", 8: "bias"},
-}
+    op: {index: role for role, index in family.roles()} for op, family in FAMILIES.items()}
 # Most bytes the values of the constant subgraphs folded at once may take.
 MAX_FOLD_BYTES = 4 * 2**30
 RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
               "Multinomial", "Bernoulli"}
-
-Holder = Union[GraphProto, FunctionProto]
 
 
 class PrepareError(ValueError):
@@ -197,7 +191,7 @@ def _fold_holder(holder: Holder, outer: Mapping[str, Constant], opsets: list,
 
     ``store``: the main graph's, when it is weightless (nested graphs keep their data).
     """
-    consts = ChainMap(_own_constants(holder, store), outer)
+    consts = ChainMap(constants(holder, store), outer)
     computed = [w for w in _weight_inputs(holder.node) if w[0] not in consts]
     producers = {o: i for i, n in enumerate(holder.node) for o in n.output if o} \
         if computed else {}
@@ -217,9 +211,9 @@ def _fold_holder(holder: Holder, outer: Mapping[str, Constant], opsets: list,
     values.update(fills)
     if values:
         _install(holder, values, cones, stats, store)
-        consts = ChainMap(_own_constants(holder, store), outer)
+        consts = ChainMap(constants(holder, store), outer)
     for node in holder.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _fold_holder(sub, consts, opsets, stats)
 
 
@@ -230,7 +224,7 @@ def _weight_inputs(nodes) -> Iterator[tuple[str, str, str]]:
         for index, role in (roles or {}).items():
             if index < len(node.input) and node.input[index]:
                 yield node.input[index], node.name or node.output[0], role
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             yield from _weight_inputs(sub.node)
 
 
@@ -254,7 +248,7 @@ def _cone(target: str, producers: dict[str, int], holder: Holder,
         label = f"{node.op_type} '{node.name or node.output[0]}'"
         if node.domain not in STANDARD_DOMAINS:
             raise _Dynamic(f"it is computed by {label} of domain '{node.domain}'")
-        if node.op_type in RANDOM_OPS or any(True for _ in _subgraphs(node)):
+        if node.op_type in RANDOM_OPS or any(True for _ in subgraphs(node)):
             raise _Dynamic(f"it is computed by {label}, which cannot be folded")
         cone.add(producers[name])
         stack.extend(node.input)
@@ -418,7 +412,7 @@ def _rename_weight_inputs(nodes, old: str, new: str) -> None:
         for index in roles or ():
             if index < len(node.input) and node.input[index] == old:
                 node.input[index] = new
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _rename_weight_inputs(sub.node, old, new)
 
 
@@ -449,25 +443,11 @@ def _prune(holder: Holder, candidates: set[int], folded: set[str]
 def _reads(node: NodeProto) -> set[str]:
     """Names a node reads, including those read from inside its subgraphs."""
     names = set(node.input)
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
         for inner in sub.node:
             names |= _reads(inner)
         names.update(v.name for v in sub.output)
     return names
-
-
-def _own_constants(holder: Holder, store: TensorStore | None = None) -> dict[str, Constant]:
-    """Initializers (graphs only; a placeholder's data from ``store``) and ``Constant`` nodes
-    holding a tensor."""
-    found = {t.name: (store.get(t.name, t) if store is not None else t)
-             for t in holder.initializer} if isinstance(holder, GraphProto) else {}
-    for node in holder.node:
-        if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == AttributeProto.TENSOR:
-                    name = node.output[0]
-                    found[name] = store.get(name, attr.t) if store is not None else attr.t
-    return found
 
 
 def _named(tensor: Constant, name: str) -> TensorProto:
@@ -480,10 +460,3 @@ def _named(tensor: Constant, name: str) -> TensorProto:
     copy.CopyFrom(tensor)
     copy.name = name
     return copy
-
-
-def _subgraphs(node: NodeProto) -> Iterator[GraphProto]:
-    for attr in node.attribute:
-        if attr.type == AttributeProto.GRAPH:
-            yield attr.g
-        yield from attr.graphs

@@ -73,7 +73,7 @@ class Report:
         for r in self.rows:
             where = r.node if r.scope == "main" else f"{r.node} [{r.scope}]"
             verdict = r.lowering if r.lowering else f"skipped: {r.reason}"
-            if r.note:
+            if r.note and _is_fallback(r.note):
                 verdict += " (fallback)"
             if r.lowering and r.weights == "runtime":
                 verdict += " (run-time weights)"
@@ -83,10 +83,16 @@ class Report:
             console.print(table)
         for r in self.rows:
             if r.note:
-                console.print(f"fallback: {r.node}: {r.note}", highlight=False)
+                label = "fallback" if _is_fallback(r.note) else "note"
+                console.print(f"{label}: {r.node}: {r.note}", highlight=False)
         for note in self.notes:
             console.print(f"note: {note}", highlight=False)
         console.print(self.summary(), highlight=False)
+
+
+def _is_fallback(note: str) -> bool:
+    """Notes also carry a folded BatchNormalization or a ``--objective latency`` choice."""
+    return "fell back" in note
 
 
 def _size(n: int) -> str:

@@ -15,22 +15,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import onnx
-from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, numpy_helper
+from onnx import FunctionProto, GraphProto, ModelProto, NodeProto
 
 from .batchnorm import Affine, as_affine, emit_affine, fold, is_batchnorm
 from .budget import charge, estimate
 from .conv import SpecError
 from .emit import ConstantPool, Emitter, NameScope
 from .families import FAMILIES, Family
+from .graphs import STANDARD_DOMAINS, bodies, constant_array, constants, graphs, inferred_shapes
 from .lowering.operands import Operand, Runtime, is_runtime, shape_of
+from .objective import LatencyObjective
 from .options import RewriteOptions
 from .plan import choose, dtype_refusal, onnxruntime_refuses
 from .prepare import default_opset, prepare
 from .report import ConvRow, Report
-from .skeleton import TensorStore, weightless_copy
-
-CONV_DOMAINS = ("", "ai.onnx")
+from .skeleton import TensorStore
 
 Shape = tuple  # of int | None
 
@@ -48,6 +47,7 @@ class _Context:
     affine_bns: int = 0  # BNs made Mul + Add
     opset: int | None = None  # the model's default-domain opset, after preparing
     added_bytes: int = 0  # estimated, for --max-output-bytes (``budget.py``)
+    objective: LatencyObjective | None = None  # --objective latency
 
 
 def rewrite(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, Report]:
@@ -58,14 +58,19 @@ def rewrite(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, Rep
     model = prepared.model
     report.notes.extend(prepared.notes)
     names, readers = _names_and_readers(model)
-    ctx = _Context(options, _inferred_shapes(model, options, weightless=True), NameScope(names),
-                   report, prepared.store, readers, opset=default_opset(model))
+    shapes = inferred_shapes(model, options.input_shapes, weightless=True)
+    ctx = _Context(options, shapes, NameScope(names), report, prepared.store, readers,
+                   opset=default_opset(model),
+                   objective=LatencyObjective(options) if options.objective == "latency"
+                   else None)
     _rewrite_graph(model.graph, "main", {}, ctx, prepared.store)
     for function in model.functions:
         _rewrite_function(function, ctx)
     _drop_constants(model, ctx.dead)
     prepared.store.fill(model.graph)
     report.notes.extend(_batchnorm_notes(ctx))
+    if ctx.objective is not None:
+        report.notes.extend(ctx.objective.finish())
     report.seconds = time.perf_counter() - started
     return model, report
 
@@ -73,17 +78,13 @@ def rewrite(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, Rep
 def _rewrite_graph(graph: GraphProto, scope: str, outer: Mapping, ctx: _Context,
                    store: TensorStore | None = None) -> None:
     """``store``: where the data of ``graph``'s placeholders is (the main graph's)."""
-    consts = ChainMap(_constants(graph.initializer, graph.node, store), outer)
+    consts = ChainMap(constants(graph, store), outer)
     pool = ConstantPool(ctx.names, graph)
     bns = _BatchNorms.of(graph.node, ctx.options)
     new_nodes = []
     for node in graph.node:
-        for attr in node.attribute:
-            label = f"{scope}/{node.name or node.op_type}.{attr.name}"
-            if attr.type == AttributeProto.GRAPH:
-                _rewrite_graph(attr.g, label, consts, ctx)
-            for i, sub in enumerate(attr.graphs):
-                _rewrite_graph(sub, f"{label}[{i}]", consts, ctx)
+        for sub, label in bodies(node, scope):
+            _rewrite_graph(sub, label, consts, ctx)
         if bns.by_input and is_batchnorm(node):
             new_nodes.extend(_after_lowered_conv(node, consts, pool, ctx, bns))
         else:
@@ -94,7 +95,7 @@ def _rewrite_graph(graph: GraphProto, scope: str, outer: Mapping, ctx: _Context,
 
 
 def _rewrite_function(function: FunctionProto, ctx: _Context) -> None:
-    consts = _constants((), function.node)
+    consts = constants(function)
     pool = ConstantPool(ctx.names, None)
     scope = f"function {function.domain}.{function.name}"
     new_nodes = []
@@ -129,7 +130,7 @@ def _after_lowered_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, ct
     if node.input[0] not in bns.lowered:
         return [node]
     rank, dtype = bns.lowered[node.input[0]]
-    bn = as_affine(node, lambda name: _constant_array(name, consts), dtype)
+    bn = as_affine(node, lambda name: constant_array(name, consts), dtype)
     if bn is None:
         return [node]
     em = Emitter(bn.label, pool, ctx.options, ctx.opset)
@@ -147,7 +148,7 @@ def _folded_batchnorm(node: NodeProto, spec, weight: Operand, bias: Operand | No
             or ctx.readers[node.output[0]] != 1 or not isinstance(weight, np.ndarray) \
             or is_runtime(bias):
         return None
-    bn = as_affine(bn_node, lambda name: _constant_array(name, consts), weight.dtype)
+    bn = as_affine(bn_node, lambda name: constant_array(name, consts), weight.dtype)
     return bn if bn is not None and bn.channels == spec.out_channels else None
 
 
@@ -168,7 +169,7 @@ def _batchnorm_notes(ctx: _Context) -> list[str]:
 def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: str,
                    ctx: _Context, bns: _BatchNorms | None = None) -> list[NodeProto]:
     family = FAMILIES.get(node.op_type)
-    if family is None or node.domain not in CONV_DOMAINS:
+    if family is None or node.domain not in STANDARD_DOMAINS:
         return [node]
     name = node.name or node.output[0]
     row = dict(node=name, op_type=node.op_type, scope=scope, geometry="?", lowering=None,
@@ -204,7 +205,9 @@ def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: 
             return skip(refusal)
     lowerings, auto_order = family.tables(runtime)
     itemsize = weight.dtype.itemsize if isinstance(weight, np.ndarray) else 4
-    decision = choose(spec, ctx.options, itemsize, lowerings, auto_order)
+    pick = ctx.objective and ctx.objective.picker(node.op_type, weight,
+                                                  ctx.shapes.get(node.input[0]), ctx.opset)
+    decision = choose(spec, ctx.options, itemsize, lowerings, auto_order, pick)
     if decision.lowering is None:
         return skip(decision.reason)
 
@@ -252,7 +255,7 @@ def _operands(node: NodeProto, family: Family, consts: Mapping,
     found: dict[str, Operand | None] = {}
     for role, index in family.roles():
         tensor = node.input[index] if index < len(node.input) else ""
-        value = _constant_array(tensor, consts) if tensor else None
+        value = constant_array(tensor, consts) if tensor else None
         if tensor and value is None:
             shape = ctx.shapes.get(tensor)
             if ctx.options.skip_runtime_weights:
@@ -264,85 +267,16 @@ def _operands(node: NodeProto, family: Family, consts: Mapping,
     return found
 
 
-def _constants(initializers, nodes, store: TensorStore | None = None) -> dict:
-    """Name -> TensorProto (or array) for initializers and ``Constant`` nodes holding a
-    tensor; a placeholder's data comes from ``store``."""
-    found = {t.name: (store.get(t.name, t) if store is not None else t) for t in initializers}
-    for node in nodes:
-        if node.op_type == "Constant" and node.domain in CONV_DOMAINS:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == AttributeProto.TENSOR:
-                    name = node.output[0]
-                    found[name] = store.get(name, attr.t) if store is not None else attr.t
-    return found
-
-
-def _constant_array(name: str, consts: Mapping) -> np.ndarray | None:
-    value = consts.get(name)
-    if value is None or isinstance(value, np.ndarray):
-        return value
-    return numpy_helper.to_array(value)
-
-
-def _inferred_shapes(model: ModelProto, options: RewriteOptions,
-                     weightless: bool = False) -> dict[str, Shape]:
-    """Name -> shape (``None`` for unknown dims) of every typed value in the model.
-
-    Inference runs on a weightless copy (it serialises the model it is given, weights too),
-    or on ``model`` itself when it is ``weightless`` already and no input shape is fixed.
-    """
-    probe = model
-    if not weightless:
-        probe, _ = weightless_copy(model)
-    elif options.input_shapes:
-        probe = ModelProto()
-        probe.CopyFrom(model)
-    if options.input_shapes:
-        overrides = dict(options.input_shapes)
-        for value in probe.graph.input:
-            if value.name in overrides:
-                dims = value.type.tensor_type.shape.dim
-                new = overrides[value.name]
-                del dims[:]
-                for d in new:
-                    dims.add().dim_value = d
-    try:
-        probe = onnx.shape_inference.infer_shapes(probe, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is best effort; unknown shapes stay dynamic
-        pass
-    shapes: dict[str, Shape] = {}
-    for graph in _graphs(probe.graph):
-        # Inference gives initializers no value_info; a conv may read one as its data input.
-        shapes.update((t.name, tuple(t.dims)) for t in graph.initializer)
-        for value in (*graph.input, *graph.value_info, *graph.output):
-            t = value.type.tensor_type
-            if t.HasField("shape"):
-                shapes[value.name] = tuple(  # a declared 0 is a size (an empty axis)
-                    d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
-                    for d in t.shape.dim)
-    return shapes
-
-
-def _graphs(graph: GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)
-
-
 def _names_and_readers(model: ModelProto) -> tuple[set[str], Counter]:
     """Every name in the model, and how many nodes and graph outputs read each tensor."""
     names: set[str] = set()
     readers: Counter = Counter()
-    bodies = [*_graphs(model.graph)]
-    for graph in bodies:
+    nested = [*graphs(model.graph)]
+    for graph in nested:
         names.update(t.name for t in graph.initializer)
         names.update(v.name for v in (*graph.input, *graph.value_info))
         readers.update(v.name for v in graph.output)
-    nodes = [n for g in bodies for n in g.node] + [n for f in model.functions for n in f.node]
+    nodes = [n for g in nested for n in g.node] + [n for f in model.functions for n in f.node]
     for graph_node in nodes:
         names.add(graph_node.name)
         readers.update(graph_node.input)
@@ -355,7 +289,7 @@ def _names_and_readers(model: ModelProto) -> tuple[set[str], Counter]:
 
 def _drop_constants(model: ModelProto, dead: set[str]) -> None:
     """Remove the initializers and ``Constant`` nodes of these names, at any depth."""
-    for graph in _graphs(model.graph):
+    for graph in graphs(model.graph):
         _delete(graph.initializer, lambda t: t.name in dead)
         _delete(graph.node, lambda n: n.op_type == "Constant" and n.output[0] in dead)
     for function in model.functions:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
+from onnx import GraphProto, ModelProto, TensorProto
 
+from .graphs import graphs
 from .skeleton import LARGE_TENSOR_BYTES, copy_fields, data_nbytes, large_constant
 
 GRAPH_FIELD = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
@@ -162,9 +163,5 @@ def _varint(value: int) -> bytes:
 
 def _initializers(graph: GraphProto) -> Iterator[TensorProto]:
     """The initializers of ``graph``, then of the graphs nested in its nodes, depth first."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            nested = [attr.g] if attr.type == AttributeProto.GRAPH else []
-            for sub in [*nested, *attr.graphs]:
-                yield from _initializers(sub)
+    for each in graphs(graph):
+        yield from each.initializer

@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from convmodels import conv_model, random_conv
+from convfamily import node_model
+from convmodels import conv_model, random_conv, run
 
 from onnx_convfc.cli import main
 from onnx_convfc.conv import conv_spec
@@ -165,3 +166,50 @@ def test_pooling_keeps_the_largest_magnitude_per_block():
     assert np.count_nonzero(image) == 2
     small, factor = pooled_magnitude(matrix[:100], max_pixels=1024)
     assert factor == 1 and small[5, 3] == 7.0
+
+
+def _transpose_model(seed: int = 0):
+    """One ConvTranspose 2->3, k3x2, stride 2x1, pads, output_padding."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((2, 3, 3, 2)).astype(np.float32)
+    node = onnx.helper.make_node("ConvTranspose", ["X", "W"], ["Y"], name="up", strides=[2, 1],
+                                 pads=[1, 0, 0, 1], output_padding=[1, 0])
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT,
+                                                          [1, 2, 4, 5])],
+        [onnx.helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "W")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, w
+
+
+def test_conv_transpose_matrix_is_the_layer_and_its_size_is_stated(tmp_path, capsys):
+    model, w = _transpose_model()
+    target = tmp_path / "b.npz"
+    assert main(["explain", _saved(tmp_path, model), "--node", "up", "--npz", str(target)]) == 0
+    out = capsys.readouterr().out
+    if "dense array" in out:
+        matrix = np.load(target)["matrix"]
+    else:
+        matrix = pytest.importorskip("scipy.sparse").load_npz(target).toarray()
+    x = np.random.default_rng(1).standard_normal((1, 2, 4, 5)).astype(np.float32)
+    expected = run(model, {"X": x})[0]
+    np.testing.assert_allclose((x.reshape(1, -1) @ matrix).reshape(expected.shape), expected,
+                               rtol=1e-5, atol=1e-5)
+    rows, cols = matrix.shape
+    assert f"B shape     [{rows}, {cols}]" in out
+    assert f"= {np.count_nonzero(matrix)}\n" in out  # the stated non-zeros
+    assert "transpose of the matrix of the conv" in out
+
+
+def test_listing_names_the_ops_without_a_dense_form(tmp_path, capsys):
+    x = np.zeros((1, 2, 5, 5), np.uint8)
+    w = np.ones((3, 2, 3, 3), np.uint8)
+    model = node_model("ConvInteger", [("X", x), ("W", w)], consts=("W",))
+    path = _saved(tmp_path, model)
+    assert main(["explain", path]) == 0
+    assert re.search(r"node\s+2->3 k3x3(\s+-){4}\s+no dense form", capsys.readouterr().out)
+    assert main(["explain", path, "--node", "node"]) == 2
+    assert "ConvInteger has no dense matrix" in capsys.readouterr().err
+

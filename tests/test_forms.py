@@ -1,10 +1,11 @@
 """Which form ``lowering/patches.py`` and ``lowering/depthwise.py`` emit, and that each one
 matches onnxruntime's Conv, at the channel counts the grid (3-6 channels) never reaches.
 
-Forms: Gather of C-rows (static sizes, >= 16 channels per group), channels-first Slices
-(fewer channels), channels-last Slices (dynamic sizes), depthwise Gather + Mul + ReduceSum
-in chunks, depthwise shift-add. Each case runs at ORT_ENABLE_ALL and ORT_DISABLE_ALL, with
-other batches (an empty one too) or spatial sizes where its dims are symbolic.
+Forms: Gather of C-rows (static sizes, >= 16 channels per group or a huge kernel),
+channels-first Slices (fewer channels), channels-last Slices (dynamic sizes), depthwise
+Gather + Mul + ReduceSum in chunks, depthwise shift-add. Each case runs at ORT_ENABLE_ALL and
+ORT_DISABLE_ALL, with other batches (an empty one too) or spatial sizes where its dims are
+symbolic.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from onnx_convfc import rewrite_model
 from onnx_convfc.conv import conv_spec
-from onnx_convfc.lowering.taps import index_parts
+from onnx_convfc.lowering.taps import TOO_MANY_TAPS, index_parts
 
 LEVELS = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
 TOLERANCE = {np.float32: 1e-4, np.float16: 5e-3}
@@ -100,6 +101,9 @@ CASES = [
     Case("dw-c4-1x1-no-bias", "dw_shift_add", 4, 4, (1, 1), (5, 5), dict(group=4), bias=False),
     Case("dw-c128-dynamic", "dw_shift_add", 128, 128, (3, 3), (6, 6),
          dict(group=128, strides=[2, 2]), mode="dyn_all"),
+    # over taps.MAX_SLICE_TAPS taps: a Gather whatever the channels, never 4225 Slices
+    Case("huge-kernel-c2", "gather", 2, 3, (65, 65), (66, 67), dict(pads=[0, 1, 0, 0])),
+    Case("huge-kernel-dw-c4", "dw_gather", 4, 4, (65, 65), (66, 66), dict(group=4)),
 ]
 
 
@@ -150,6 +154,24 @@ def test_form_matches_onnxruntime_conv(case, close, faithful):
             ref = reference.run(None, {"X": x})[0]
             close(sess.run(None, {"X": x})[0], ref, TOLERANCE[case.dtype],
                   f"{case.id} at {level}, input {list(x.shape)}")
+
+
+@pytest.mark.parametrize("op, group, method", [
+    ("Conv", 1, "auto"), ("Conv", 1, "im2col"), ("Conv", 2, "auto"), ("Conv", 2, "depthwise"),
+    ("ConvTranspose", 1, "auto"), ("ConvInteger", 1, "auto"),
+])
+def test_huge_kernel_with_dynamic_sizes_is_refused_not_sliced(op, group, method):
+    """65x65 = 4225 taps over a run-time size would be one Slice per tap: refused, with the
+    stable reason, before anything is built."""
+    dtype = np.uint8 if op == "ConvInteger" else np.float32
+    shape = (2, 1, 65, 65) if op == "ConvTranspose" else (2, 2 // group, 65, 65)
+    inputs = [("X", np.zeros((1, 2, 70, 70), dtype)), ("W", np.ones(shape, dtype))]
+    model = node_model(op, inputs, consts=("W",), dims={"X": ["N", 2, "H", "W"]}, group=group)
+    rewritten, report = rewrite_model(model, method=method)
+    (row,) = report.rows
+    prefix = "" if method == "auto" else f"{method} does not apply: "
+    assert (row.lowering, row.reason) == (None, prefix + TOO_MANY_TAPS)
+    assert [n.op_type for n in rewritten.graph.node] == [op]
 
 
 def test_gather_index_parts_are_int32_and_shared_by_convs_of_one_geometry(close):

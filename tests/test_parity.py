@@ -124,6 +124,35 @@ def test_per_node_marks_convs_left_as_conv(chain):
     assert report.passed
     assert {c.node: c.rewritten for c in report.nodes} == {
         "conv1": True, "conv2": True, "conv3": False}
+    assert report.nodes[-1].detail == "kept as Conv"
+
+
+def test_per_node_compares_every_op_of_the_conv_family():
+    """Conv -> ConvTranspose -> QuantizeLinear -> ConvInteger: each one's output is a row."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("W1", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        ("W2", rng.standard_normal((4, 2, 2, 2)).astype(np.float32)),
+        ("scale", np.array(0.05, np.float32)), ("zp", np.array(128, np.uint8)),
+        ("W3", rng.integers(0, 255, (2, 2, 3, 3)).astype(np.uint8)))]
+    nodes = [helper.make_node("Conv", ["X", "W1"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["h", "W2"], ["up"], name="up", strides=[2, 2]),
+             helper.make_node("QuantizeLinear", ["up", "scale", "zp"], ["q"], name="quant"),
+             helper.make_node("ConvInteger", ["q", "W3", "zp"], ["Y"], name="int")]
+    graph = helper.make_graph(
+        nodes, "family", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    rewritten, _ = rewrite_model(model)
+    report = check_parity(model, rewritten, per_node=True)
+    assert report.passed and not report.unexposed
+    assert [(c.node, c.tensor, c.rewritten, c.passed) for c in report.nodes] == [
+        ("conv", "h", True, True), ("up", "up", True, True), ("int", "Y", True, True)]
+    partial, _ = rewrite_model(model, skip=["up"])
+    report = check_parity(model, partial, per_node=True)
+    assert [(c.node, c.rewritten, c.detail) for c in report.nodes] == [
+        ("conv", True, None), ("up", False, "kept as ConvTranspose"), ("int", True, None)]
 
 
 def test_convs_in_subgraphs_are_listed_as_not_exposed():

@@ -352,3 +352,22 @@ def test_bf16_conv_is_skipped_with_reason():
     assert not report.rewritten
     assert "bfloat16 weights: onnxruntime has no CPU MatMul" in report.rows[0].reason
     assert [n.op_type for n in rewritten.graph.node] == ["Conv"]
+
+
+def test_computed_quantization_operands_are_folded_too():
+    """Folding covers every operand role of ``families.py``: here QLinearConv's ``y_scale``."""
+    from test_qlinearconv import qlinear_model
+
+    model, feeds = qlinear_model((1, 4, 6, 6), 3, (3, 3))
+    inits = model.graph.initializer
+    (y_scale,) = [t for t in inits if t.name == "y_scale"]
+    half = numpy_helper.to_array(y_scale) / 2
+    inits.remove(y_scale)
+    inits.extend([numpy_helper.from_array(half, "half"), numpy_helper.from_array(
+        np.array(2, np.float32), "two")])
+    model.graph.node.insert(0, helper.make_node("Mul", ["half", "two"], ["y_scale"], name="m"))
+    rewritten, report = rewrite_model(model)
+    assert [r.weights for r in report.rows] == ["constant"]
+    assert any("folded 1 conv weight/bias" in n for n in report.notes), report.notes
+    want, got = _run_all(model, feeds), _run_all(rewritten, feeds)
+    np.testing.assert_array_equal(got[0], want[0])

@@ -21,8 +21,9 @@ LOWERINGS = {m.NAME: m for m in (pointwise, fc, depthwise, im2col, dense)}
 
 # What ``--method auto`` tries, cheapest first: fc needs no Transposes (so it also takes a 1x1
 # conv on a 1x1 input), depthwise no GEMM of thousands of tiny groups, pointwise no patches,
-# and im2col takes every conv. ``dense`` is only used when asked for: its matrix grows with
-# the square of the feature-map size.
+# and im2col every conv but a huge kernel over a run-time size (``taps.MAX_SLICE_TAPS``).
+# ``dense`` is only used when asked for: its matrix grows with the square of the feature-map
+# size.
 AUTO_ORDER = ("fc", "depthwise", "pointwise", "im2col")
 
 # The other ops of the conv family (``families.py`` says how each is read).

@@ -12,13 +12,13 @@ from ..emit import Emitter
 from ..quantconv import QuantConvSpec
 from .integer import emit_integer_gemm
 from .operands import Operand, Operands
-from .patches import to_channels_first
+from .patches import refusal, to_channels_first
 
 NAME = "im2col-integer"
 
 
 def applies(spec: QuantConvSpec) -> str | None:
-    return None
+    return refusal(spec.conv)
 
 
 def emit(spec: QuantConvSpec, weight: Operand, bias: None, em: Emitter) -> None:

@@ -25,7 +25,7 @@ from ..conv import ConvSpec
 from ..convtranspose import ConvTransposeSpec
 from ..emit import Emitter
 from .operands import Operand, Operands, is_runtime, patch_matrix
-from .patches import PatchRows, patch_rows
+from .patches import PatchRows, patch_rows, refusal
 
 NAME = "subpixel"
 INT64_MAX = np.iinfo(np.int64).max
@@ -65,7 +65,7 @@ def applies(spec: ConvTransposeSpec) -> str | None:
     for size, axis in zip(spec.input_spatial, _axes(spec)):
         if size is not None and size + axis.row_end <= axis.first_row:
             return "the output lies entirely in the padding"
-    return None
+    return refusal(phase_conv(spec))
 
 
 def emit(spec: ConvTransposeSpec, weight: Operand, bias: Operand | None, em: Emitter) -> None:
@@ -82,7 +82,7 @@ def emit(spec: ConvTransposeSpec, weight: Operand, bias: Operand | None, em: Emi
         return spec.output if step == last else None
 
     phase_spec = _phase_spec(spec, axes, _trim_input(spec, axes, em),
-                             out("shuffle") or em.pool.names.take(f"{em.prefix}/phases_out"))
+                             out("shuffle") or em.fresh("phases_out"))
     rows = patch_rows(phase_spec, em)
     matrix = patch_matrix(ops, _phase_weight(ops, weight, spec, axes), spec.group)
     y = em.op("MatMul", [rows.rows, ops.name(matrix, "weight")])
@@ -126,6 +126,12 @@ def _trim_input(spec: ConvTransposeSpec, axes: list[_Axis], em: Emitter) -> str:
         return spec.input
     return em.op("Slice", [spec.input, em.ints("trim_starts", starts), em.ints("trim_ends", ends),
                            em.ints("trim_axes", list(range(2, spec.rank + 2)))], "trim_input")
+
+
+def phase_conv(spec: ConvTransposeSpec) -> ConvSpec:
+    """The ordinary conv ``emit`` lowers for ``spec``, over the untrimmed input's name: what
+    ``budget.py`` sizes."""
+    return _phase_spec(spec, _axes(spec), spec.input, spec.output)
 
 
 def _phase_spec(spec: ConvTransposeSpec, axes: list[_Axis], x: str, output: str) -> ConvSpec:

@@ -57,12 +57,16 @@ def adjoint(spec: ConvTransposeSpec) -> ConvSpec:
         pads=spec.pads[:r] + ends, auto_pad="NOTSET", input_spatial=out)
 
 
+def matrix(weight: np.ndarray, spec: ConvTransposeSpec) -> np.ndarray:
+    """The ``[C*prod(in), M*prod(out)]`` matrix: the adjoint conv's, transposed."""
+    return np.ascontiguousarray(dense_matrix(weight, adjoint(spec)).T)
+
+
 def emit(spec: ConvTransposeSpec, weight: np.ndarray, bias: np.ndarray | None,
          em: Emitter) -> None:
     out = spec.output_spatial()
-    matrix = np.ascontiguousarray(dense_matrix(weight, adjoint(spec)).T)
     flat = em.op("Reshape", [spec.input, em.ints("flat_shape", [0, -1])], "flatten")
-    y = em.op("MatMul", [flat, em.const("weight", matrix)])
+    y = em.op("MatMul", [flat, em.const("weight", matrix(weight, spec))])
     if bias is not None:
         y = em.op("Add", [y, em.const("bias", np.repeat(bias, int(np.prod(out))))], "AddBias")
     em.op("Reshape", [y, em.ints("out_shape", [0, spec.out_channels, *out])], "unflatten",

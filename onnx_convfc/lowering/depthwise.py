@@ -13,7 +13,8 @@ quantizers take.
   ``taps.index_parts``), a ``Mul`` by the ``[taps, C]`` weight and a ``ReduceSum`` over the
   taps; Concat of the chunks, bias Add, Transpose back. Chunks of about ``CHUNK_BYTES`` keep
   the gathered patches in cache.
-- **shift-add** (otherwise, and for dynamic sizes): channels-first, Pad, one strided
+- **shift-add** (otherwise, and for dynamic sizes up to ``taps.MAX_SLICE_TAPS`` taps; larger
+  kernels are refused there): channels-first, Pad, one strided
   ``Slice`` per kernel offset, each times its per-channel scale, summed by an Add chain;
   no Transposes.
 
@@ -30,7 +31,15 @@ import numpy as np
 from ..conv import ConvSpec
 from ..emit import Emitter
 from .operands import Operand, Operands
-from .taps import index_parts, pad_input, shape_target, sum_constants, tap_slices
+from .taps import (
+    MAX_SLICE_TAPS,
+    TOO_MANY_TAPS,
+    index_parts,
+    pad_input,
+    shape_target,
+    sum_constants,
+    tap_slices,
+)
 
 # Gathered patches per chunk: 0.5-1 MiB measured fastest (5x5 C=192 @40x40: 6.6x the Conv
 # per chunk of 1 MiB vs 15.5x unchunked; 128 KiB chunks 8.0x).
@@ -45,22 +54,29 @@ NAME = "depthwise"
 def applies(spec: ConvSpec) -> str | None:
     if spec.group == 1 or spec.in_per_group != 1:
         return "not depthwise (needs one input channel per group)"
+    if spec.taps > MAX_SLICE_TAPS and not uses_gather(spec):
+        return TOO_MANY_TAPS
     return None
 
 
 def emit(spec: ConvSpec, weight: np.ndarray, bias: Operand | None, em: Emitter) -> None:
-    if gather_pays(spec) and em.opset is not None:
+    if uses_gather(spec) and em.opset is not None:  # ReduceSum's signature needs the opset
         _gather_form(spec, weight, bias, em)
     else:
         _shift_add_form(spec, weight, bias, em)
 
 
-def gather_pays(spec: ConvSpec) -> bool:
-    """Measured (1 thread): shift-add wins below 32 channels and for 3x3 stride 1 below 128
-    channels (64 @56x56: 4.8x vs 6.4x); gather wins with a stride (128 @56x56 s2: 3.7x vs
-    6.0x), 5x5 kernels (48 @80x80: 9.9x vs 11.9x) and many channels (256 @14x14: 4.3x vs
-    6.8x)."""
-    if not spec.is_static or spec.in_channels < 32:
+def uses_gather(spec: ConvSpec) -> bool:
+    """The gather form, where it pays. Measured (1 thread): shift-add wins below 32 channels
+    and for 3x3 stride 1 below 128 channels (64 @56x56: 4.8x vs 6.4x); gather wins with a
+    stride (128 @56x56 s2: 3.7x vs 6.0x), 5x5 kernels (48 @80x80: 9.9x vs 11.9x) and many
+    channels (256 @14x14: 4.3x vs 6.8x). Over ``MAX_SLICE_TAPS`` taps, static sizes always
+    take it (shift-add emits nodes per tap)."""
+    if not spec.is_static:
+        return False
+    if spec.taps > MAX_SLICE_TAPS:
+        return True
+    if spec.in_channels < 32:
         return False
     return spec.in_channels >= 128 or spec.taps > 9 or any(s > 1 for s in spec.strides)
 

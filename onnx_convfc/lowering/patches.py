@@ -5,7 +5,8 @@ Patches are rows ``[N, out..., taps*C]`` (``[N, g, L, taps*C/g]`` for grouped co
 weight ``B``. How the rows are built depends on what onnxruntime copies fastest (measured in
 ``docs/performance.md``):
 
-- **gather** (static spatial sizes, at least ``SHORT_ROW_CHANNELS`` channels per group):
+- **gather** (static spatial sizes, at least ``SHORT_ROW_CHANNELS`` channels per group or a
+  kernel of over ``taps.MAX_SLICE_TAPS`` taps):
   channels-last input, Pad, Reshape to ``[N, pixels, C]``, one ``Gather`` of whole C-rows
   with int32 indices ``[out..., taps]``, Reshape. One copy of the patch matrix. The indices
   are stored as per-axis parts whose sum onnxruntime folds (``taps.index_parts``); the
@@ -15,7 +16,8 @@ weight ``B``. How the rows are built depends on what onnxruntime copies fastest 
   channel axis, one Transpose of the patches to rows.
 - **slices** (dynamic spatial sizes, and 1x1 kernels): channels-last input, Pad, one strided
   ``Slice`` per kernel offset (ends are negative offsets from the end, so the graph stays
-  valid for any run-time size), Concat on channels.
+  valid for any run-time size), Concat on channels. Over ``taps.MAX_SLICE_TAPS`` taps no
+  Slice form is built: ``refusal`` says why, and each lowering's ``applies`` returns it.
 
 Depthwise convs have a GEMM-free lowering of their own, ``depthwise.py``.
 
@@ -34,7 +36,16 @@ import numpy as np
 from ..conv import ConvSpec
 from ..emit import Emitter
 from .operands import Operand, Operands, is_runtime, patch_matrix
-from .taps import index_parts, pad_input, runtime_dims, shape_target, sum_constants, tap_slices
+from .taps import (
+    MAX_SLICE_TAPS,
+    TOO_MANY_TAPS,
+    index_parts,
+    pad_input,
+    runtime_dims,
+    shape_target,
+    sum_constants,
+    tap_slices,
+)
 
 # Below this many channels per group a C-row is too short for a Gather or channels-last
 # Slices to copy well; channels-first Slices win (measured: C=8 and C=3 stems).
@@ -75,13 +86,29 @@ def emit_patch_gemm(spec: ConvSpec, weight: Operand, bias: Operand | None,
 def patch_rows(spec: ConvSpec, em: Emitter, pad_value: str | None = None) -> PatchRows:
     """Patches of ``spec.input`` as GEMM rows; padding holds ``pad_value`` (a scalar tensor)
     instead of zeros when given."""
-    if spec.taps == 1:
-        return _slice_rows(spec, em, pad_value)
-    if spec.in_per_group < SHORT_ROW_CHANNELS:
-        return _channels_first_rows(spec, em, pad_value)
-    if spec.is_static:
+    if uses_gather(spec):
         return _gather_rows(spec, em, pad_value)
+    if uses_channels_first(spec):
+        return _channels_first_rows(spec, em, pad_value)
     return _slice_rows(spec, em, pad_value)
+
+
+def uses_gather(spec: ConvSpec) -> bool:
+    """The gather form: static sizes and several taps, with C-rows long enough to copy well
+    or more taps than ``MAX_SLICE_TAPS`` Slices."""
+    return spec.taps > 1 and spec.is_static and (
+        spec.in_per_group >= SHORT_ROW_CHANNELS or spec.taps > MAX_SLICE_TAPS)
+
+
+def uses_channels_first(spec: ConvSpec) -> bool:
+    """The channels-first Slices: several taps over C-rows too short for the other forms."""
+    return spec.taps > 1 and spec.in_per_group < SHORT_ROW_CHANNELS and not uses_gather(spec)
+
+
+def refusal(spec: ConvSpec) -> str | None:
+    """Why ``patch_rows`` will not build the patches of ``spec``: a Slice per tap of a huge
+    kernel (``taps.MAX_SLICE_TAPS``); ``None`` when it will."""
+    return TOO_MANY_TAPS if spec.taps > MAX_SLICE_TAPS and not uses_gather(spec) else None
 
 
 def _slice_rows(spec: ConvSpec, em: Emitter, pad_value: str | None) -> PatchRows:

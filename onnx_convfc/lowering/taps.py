@@ -15,6 +15,12 @@ from ..conv import ConvSpec
 from ..emit import Emitter
 
 INT64_MAX = np.iinfo(np.int64).max
+# Most kernel taps a form may emit one node (a Slice, a Mul and an Add) for. Measured: a
+# 300x300 kernel with run-time sizes took 90k Slices, 3-5 s, a 31-76 MB graph and 570-720 MB
+# of memory to rewrite. Static sizes take a Gather instead, whatever the kernel.
+MAX_SLICE_TAPS = 4096
+TOO_MANY_TAPS = (f"kernel over {MAX_SLICE_TAPS} taps with a spatial size known only at run "
+                 "time (one Slice per tap); fix it with --input-shape")
 
 
 def pad_input(spec: ConvSpec, em: Emitter, x: str, first_axis: int, value: str | None = None,

@@ -1,0 +1,118 @@
+"""Reading a model's graphs: walking nested bodies, the constants a graph sees, inferred shapes.
+
+Shared by the stages that look at a model without changing it (``prepare``, ``rewrite``,
+``explain``, ``parity``, ``io``), so each asks the same questions the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Union
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, numpy_helper
+
+from .skeleton import Constant, TensorStore, weightless_copy
+
+# The default ONNX domain, by both of its names.
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+Shape = tuple  # of int | None
+Holder = Union[GraphProto, FunctionProto]
+
+
+def subgraphs(node: NodeProto) -> Iterator[GraphProto]:
+    """The bodies of one node (If branches, Loop and Scan bodies), not their own bodies."""
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            yield attr.g
+        yield from attr.graphs
+
+
+def graphs(graph: GraphProto) -> Iterator[GraphProto]:
+    """``graph`` and every graph nested in it, depth first."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from graphs(sub)
+
+
+def bodies(node: NodeProto, scope: str) -> Iterator[tuple[GraphProto, str]]:
+    """The node's bodies with their report labels: ``<scope>/<node>.<attribute>[<i>]``."""
+    for attr in node.attribute:
+        label = f"{scope}/{node.name or node.op_type}.{attr.name}"
+        if attr.type == AttributeProto.GRAPH:
+            yield attr.g, label
+        for i, sub in enumerate(attr.graphs):
+            yield sub, f"{label}[{i}]"
+
+
+def scoped_graphs(graph: GraphProto, scope: str = "main") -> Iterator[tuple[GraphProto, str]]:
+    """``graphs`` with the label of each (``bodies``)."""
+    yield graph, scope
+    for node in graph.node:
+        for sub, label in bodies(node, scope):
+            yield from scoped_graphs(sub, label)
+
+
+def constants(holder: Holder, store: TensorStore | None = None) -> dict[str, Constant]:
+    """Name -> TensorProto (or array) of the initializers (graphs only) and of the ``Constant``
+    nodes holding a tensor; a placeholder's data comes from ``store``."""
+    def data(name: str, tensor):
+        return store.get(name, tensor) if store is not None else tensor
+
+    found = {t.name: data(t.name, t) for t in holder.initializer} \
+        if isinstance(holder, GraphProto) else {}
+    for node in holder.node:
+        if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == AttributeProto.TENSOR:
+                    found[node.output[0]] = data(node.output[0], attr.t)
+    return found
+
+
+def constant_array(name: str, consts: Mapping[str, Constant]) -> np.ndarray | None:
+    """The value of constant ``name`` as an array, ``None`` when it is not a constant."""
+    value = consts.get(name)
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    return numpy_helper.to_array(value)
+
+
+def inferred_shapes(model: ModelProto, input_shapes: Iterable[tuple[str, tuple[int, ...]]] = (),
+                    weightless: bool = False) -> dict[str, Shape]:
+    """Name -> shape (``None`` for unknown dims) of every typed value in the model, with the
+    graph inputs named in ``input_shapes`` fixed first.
+
+    Inference runs on a weightless copy (it serialises the model it is given, weights too),
+    or on ``model`` itself when it is ``weightless`` already and no input shape is fixed.
+    """
+    overrides = dict(input_shapes)
+    probe = model
+    if not weightless:
+        probe, _ = weightless_copy(model)
+    elif overrides:
+        probe = ModelProto()
+        probe.CopyFrom(model)
+    for value in probe.graph.input:
+        if value.name in overrides:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for d in overrides[value.name]:
+                dims.add().dim_value = d
+    try:
+        probe = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; unknown shapes stay dynamic
+        pass
+    shapes: dict[str, Shape] = {}
+    for graph in graphs(probe.graph):
+        # Inference gives initializers no value_info; a conv may read one as its data input.
+        shapes.update((t.name, tuple(t.dims)) for t in graph.initializer)
+        for value in (*graph.input, *graph.value_info, *graph.output):
+            t = value.type.tensor_type
+            if t.HasField("shape"):
+                shapes[value.name] = tuple(  # a declared 0 is a size (an empty axis)
+                    d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                    for d in t.shape.dim)
+    return shapes
