@@ -5,20 +5,20 @@ is lowered to. Left alone, the BN costs a pass over its tensor and, being a chan
 op, stops onnxruntime cancelling the Transposes of consecutive lowered convs (Relu, Clip and
 Mul/Add by a constant do not stop it). So, per ``RewriteOptions.batchnorm``:
 
-- ``affine`` (default): the BN becomes ``Mul`` and ``Add`` by ``[C, 1, ..., 1]`` constants,
-  writing the BN's output: every tensor name stays.
-- ``fold``: when the BN alone reads the conv's output (not a graph output either), its
-  per-channel scale and shift go into the conv's weight and bias before lowering; the lowered
-  conv writes the BN's output and the BN goes. The conv's own output name disappears (nothing
-  read it, but per-node parity can no longer compare it) and the report says so. Any other
-  BN after a lowered conv is made ``affine``.
+- ``fold`` (default): when the BN alone reads the conv's output (not a graph output either),
+  its per-channel scale and shift go into the conv's weight and bias before lowering; the
+  lowered conv writes the BN's output and the BN goes. The conv's own output name disappears
+  (nothing read it; per-node parity compares the BN's output instead) and the report says so.
+  Any other BN after a lowered conv is made ``affine``.
+- ``affine``: the BN becomes ``Mul`` and ``Add`` by ``[C, 1, ..., 1]`` constants, writing the
+  BN's output: every tensor name stays.
 - ``keep``: BNs are left as they are.
 
 Measured (onnxruntime 1.32, 1 thread, light_resnet50 / inception_v2 / densenet121 with
 random weights, interleaved medians): BNs kept 1.27 / 1.28 / 1.34 x the original, affine
 1.20 / 1.30 / 1.38, fold 1.15 / 1.25 / 1.33; Transposes left by onnxruntime's optimiser
 101 / 110 / 237, 3 / 5 / 121, 2 / 5 / 121 (densenet's other BNs follow a Concat, not a conv).
-Fold is fastest, but a folded conv's output cannot be compared by per-node parity.
+Fold is fastest, hence the default.
 
 A BN matches when it is in inference mode (one output, ``training_mode`` 0) with constant
 ``[C]`` parameters; ``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale``

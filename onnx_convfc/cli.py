@@ -19,12 +19,22 @@ from . import __version__, check_parity, rewrite_model
 from .bench import add_bench_args, bench_kwargs, bench_models
 from .explain import explain_model
 from .inputs import argtype
-from .io import PROTOBUF_LIMIT, InputError, load_model, read_model, save_model, save_text
+from .io import (
+    PROTOBUF_LIMIT,
+    InputError,
+    StagedSave,
+    load_model,
+    read_model,
+    save_model,
+    save_text,
+)
 from .options import RewriteOptions
 from .parity import add_parity_args, parity_kwargs
 from .prepare import PrepareError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+FAILED_NOTHING_WRITTEN = ("parity failed: nothing written; rerun without --verify to keep the "
+                          "output anyway")
 
 REWRITE_HELP = """Rewrite every Conv of a model into MatMul (fully connected) form.
 
@@ -122,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the report as JSON (parity under 'parity' with --verify)")
     rw.add_argument("--quiet", action="store_true", help="print only the summary line")
     rw.add_argument("--verify", action="store_true",
-                    help="after saving, check parity with the original (exit 1 on failure)")
+                    help="check parity with the original and save only if it holds (on "
+                         "failure: exit 1, nothing written)")
     add_rewrite_options(rw)
     add_parity_args(rw, input_shape=False)  # --input-shape is a rewrite option already
     rw.set_defaults(run=_rewrite)
@@ -221,17 +232,35 @@ def _rewrite(args: argparse.Namespace, console: Console) -> int:
     loaded = read_model(args.model)
     original = loaded.model
     model, report = rewrite_model(original, options)
-    # Verify before saving when the model fits in one protobuf, so that a verification that
-    # cannot run (exit 2) writes nothing; a larger one is verified from the file it is saved to.
-    in_memory = args.verify and model.ByteSize() <= PROTOBUF_LIMIT
-    parity = check_parity(original, model, **parity_kwargs(args)) if in_memory else None
-    save_model(model, out, external_data=loaded.external_data)
-    if args.verify and not in_memory:
-        parity = check_parity(original, out, **parity_kwargs(args))
+    parity = _save_verified(args, original, model, out, loaded.external_data)
     _show(report, args, console, parity)
+    if parity is not None and not parity.passed:
+        print(FAILED_NOTHING_WRITTEN, file=sys.stderr)
+        return EXIT_FAILED
     if not args.quiet:
         console.print(f"wrote {out}")
-    return EXIT_FAILED if parity is not None and not parity.passed else EXIT_OK
+    return EXIT_OK
+
+
+def _save_verified(args: argparse.Namespace, original, model, out: Path, external_data: bool):
+    """Save ``model`` to ``out``; with ``--verify``, only if parity holds (a deployment step
+    must not leave a model that failed it). A model that fits in one protobuf is verified
+    before saving, a larger one from a staged copy (``io.StagedSave``). Returns the parity
+    report, ``None`` without ``--verify``."""
+    if not args.verify:
+        save_model(model, out, external_data=external_data)
+        return None
+    if model.ByteSize() <= PROTOBUF_LIMIT:
+        parity = check_parity(original, model, **parity_kwargs(args))
+        if parity.passed:
+            save_model(model, out, external_data=external_data)
+        return parity
+    with StagedSave(out) as staged:
+        save_model(model, staged.path, external_data=external_data)
+        parity = check_parity(original, staged.path, **parity_kwargs(args))
+        if parity.passed:
+            staged.commit()
+    return parity
 
 
 def _check(args: argparse.Namespace, console: Console) -> int:

@@ -8,8 +8,10 @@ in the destination folder that are renamed into place, the external data file fi
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
+import shutil
 import signal
 import tempfile
 import threading
@@ -19,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 import onnx
-from onnx import GraphProto, ModelProto, TensorProto
+from onnx import GraphProto, ModelProto, TensorProto, helper
 
 from .graphs import graphs, subgraphs
 from .serialize import ExternalLayout, TooLarge, model_chunks
-from .skeleton import data_nbytes
+from .skeleton import DATA_FIELDS, data_nbytes, weightless_copy
 
 # Protobuf cannot serialise a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -90,6 +92,43 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
                       (folder / layout.location, layout.data_chunks(model)))
 
 
+class StagedSave:
+    """Save a model where it can be checked before it replaces ``path``: a fresh folder beside
+    ``path``, under the same file name, so that external data keeps its final location.
+
+    ``commit`` moves the files onto ``path`` (external data first, as ``save_model`` does);
+    leaving the ``with`` block removes the folder and whatever was not committed.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.target = Path(path)
+        folder = _folder(self.target)
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".staged",
+                                                dir=folder))
+        except OSError as err:
+            raise InputError(f"{path}: cannot write ({err.strerror or err})") from None
+        self.path = self.folder / self.target.name
+
+    def __enter__(self) -> StagedSave:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def commit(self) -> None:
+        staged = sorted(self.folder.iterdir(), key=lambda p: p == self.path)  # the model last
+        moves = [(p, self.target.with_name(p.name)) for p in staged]
+        try:
+            for source, target in moves:
+                os.chmod(source, _mode_for(target))
+            with _interrupts_held():
+                _rename_all([(str(source), target) for source, target in moves])
+            _sync_folder(self.target.parent)
+        except OSError as err:
+            raise InputError(f"{self.target}: cannot write ({err.strerror or err})") from None
+
+
 def save_text(text: str, path: str | os.PathLike) -> None:
     """Write a text file (a JSON report) atomically, the way ``save_model`` writes models."""
     path = Path(path)
@@ -110,37 +149,62 @@ def check_structure(model: ModelProto, where: str = "model") -> None:
     hide the damage in a new file. Call it before external data is loaded (``read_model``
     checks that data itself), so that the model fits in one protobuf.
 
+    The checker serialises the model it is given, so it gets a weightless copy
+    (``skeleton.weightless_copy``), and the large tensors left out get the checker's data
+    checks here (``_check_data``): a third of the time and none of the memory of checking
+    the whole model (light_vgg19 with random weights: 1.4 s and twice its size before).
     Two things onnxruntime accepts are let through: graph inputs and outputs that declare no
     shape (onnx-graphsurgeon writes them), and external data (the checker would look for it
-    from the working directory). They are hidden from the checker by editing ``model`` in
-    place and restoring it afterwards: a copy would double the memory of a large model.
+    from the working directory); the copy hides them.
 
     Raises:
-        InputError: with the checker's message on one line.
+        InputError: with the checker's message, or one worded like it, on one line.
     """
-    shapeless = [v for g in graphs(model.graph) for v in (*g.input, *g.output)
-                 if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
-    external = [(t, list(t.dims), [(e.key, e.value) for e in t.external_data])
-                for t in _all_tensors(model) if t.data_location == TensorProto.EXTERNAL]
-    try:
-        for value in shapeless:
-            value.type.tensor_type.shape.SetInParent()
-        for tensor, _, _ in external:
+    copy, store = weightless_copy(model)
+    for placeholder, data in store.placeholders(copy.graph):
+        _check_data(data, where)
+        placeholder.dims[:] = [0]  # no elements: no data to check
+    for graph in graphs(copy.graph):
+        for value in (*graph.input, *graph.output):
+            if value.type.HasField("tensor_type"):
+                value.type.tensor_type.shape.SetInParent()
+    for tensor in _all_tensors(copy):
+        if tensor.data_location == TensorProto.EXTERNAL:
             tensor.ClearField("data_location")
             del tensor.external_data[:]
             tensor.dims[:] = [0]
-        onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(copy)
     except Exception as err:  # noqa: BLE001 - ValidationError, and protobuf's own errors
         raise InputError(f"{where}: not a valid ONNX model ({_one_line(err)})") from None
-    finally:
-        for value in shapeless:
-            value.type.tensor_type.ClearField("shape")
-        for tensor, dims, entries in external:
-            tensor.data_location = TensorProto.EXTERNAL
-            tensor.dims[:] = dims
-            for key, value in entries:
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+
+
+def _check_data(tensor: TensorProto, where: str) -> None:
+    """What the checker asks of a tensor's data: dims >= 0, one data field, the one for its
+    type, holding at least what the shape needs. Only ``raw_data`` is read (its length), one
+    tensor at a time."""
+    def refuse(problem: str) -> InputError:
+        return InputError(f"{where}: not a valid ONNX model (tensor '{tensor.name}': {problem})")
+
+    if any(d < 0 for d in tensor.dims):
+        raise refuse(f"negative dimension in {list(tensor.dims)}")
+    present = [f for f in DATA_FIELDS
+               if (tensor.HasField(f) if f == "raw_data" else len(getattr(tensor, f)))]
+    if len(present) != 1:
+        raise refuse(f"should hold its data in one field, holds it in {len(present)}")
+    field = present[0]
+    if field == "raw_data":
+        have, need = len(tensor.raw_data), data_nbytes(tensor)
+    else:
+        expected = helper.tensor_dtype_to_field(tensor.data_type)
+        if field != expected:
+            raise refuse(f"data of type {helper.tensor_dtype_to_string(tensor.data_type)} "
+                         f"belongs in '{expected}', not '{field}'")
+        complex_type = tensor.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128)
+        have, need = len(getattr(tensor, field)), math.prod(tensor.dims) * (1 + complex_type)
+    if have < need:
+        raise refuse(f"{field} holds {have}, too small for the declared shape and type "
+                     f"({need} required)")
 
 
 def _load_external(tensor: TensorProto, model_path: Path) -> None:

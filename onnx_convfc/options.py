@@ -101,14 +101,13 @@ class RewriteOptions:
         "help": "leave alone convs whose weight, bias or quantization parameters are computed "
                 "at run time; by default they are lowered with their reshapes done by nodes in "
                 "the graph (weight-only quantizers cannot take such weights)"})
-    batchnorm: str = field(default="affine", metadata={
+    batchnorm: str = field(default="fold", metadata={
         "choices": BATCHNORM_MODES,
         "help": "an inference BatchNormalization after a lowered conv (onnxruntime folds it "
-                "into a Conv, not into a MatMul, and it stops Transposes cancelling): affine "
-                "makes it Mul + Add, every name kept; fold puts it into the lowered weights "
-                "where the BN alone reads the conv (a little faster; the conv's output name "
-                "goes, so --per-node parity cannot see that conv), else Mul + Add; keep: "
-                "leave it"})
+                "into a Conv, not into a MatMul, and it stops Transposes cancelling): fold puts "
+                "it into the lowered weights where the BN alone reads the conv (fastest; the "
+                "conv's output name goes, --per-node parity compares the BN's output instead), "
+                "else Mul + Add; affine makes it Mul + Add, every name kept; keep: leave it"})
     objective: str = field(default="rules", metadata={
         "choices": OBJECTIVES,
         "help": "how auto picks a lowering: rules decides from the geometry (the thresholds "

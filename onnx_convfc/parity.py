@@ -2,8 +2,9 @@
 
 One session per model and provider, reused across runs; every comparison is vectorised numpy
 over whole tensors. One rule for every tensor (see ``RULE``). ``per_node`` also exposes the
-output of each conv of the original's main graph (the rewrite keeps those names) and finds
-the first one that diverges.
+output of each conv of the original's main graph (the rewrite keeps those names; a conv with
+a BatchNormalization folded in is compared at the BN's output) and finds the first one that
+diverges.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -21,8 +23,9 @@ import onnxruntime as ort
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto, helper
 from onnx.reference import ReferenceEvaluator
 
+from .batchnorm import is_batchnorm
 from .families import FAMILIES
-from .graphs import STANDARD_DOMAINS
+from .graphs import STANDARD_DOMAINS, graphs
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
 from .io import InputError, load_model, save_text
 
@@ -333,13 +336,24 @@ class ConvProbe:
 
 def conv_probes(original: ModelProto, rewritten: ModelProto
                 ) -> tuple[list[ConvProbe], list[tuple[str, str]]]:
-    """Convs to compare (in topological order) and ``(conv, why not)`` for the others."""
+    """Convs to compare (in topological order) and ``(conv, why not)`` for the others.
+
+    A conv whose output is gone because its BatchNormalization was folded into it
+    (``--batchnorm fold``) is compared at that BN's output, and its row says so.
+    """
     producers = {out: node for node in rewritten.graph.node for out in node.output}
+    batchnorms = _sole_batchnorm_readers(original)
     probes: list[ConvProbe] = []
     unexposed: list[tuple[str, str]] = []
     for node in original.graph.node:
         if _is_conv(node):
             name, tensor = node.name or node.output[0], node.output[0]
+            detail = None
+            bn = batchnorms.get(tensor)
+            if tensor not in producers and bn is not None and bn.output[0] in producers:
+                tensor = bn.output[0]
+                detail = (f"compared after BatchNormalization '{bn.name or tensor}', "
+                          "which was folded into it")
             producer = producers.get(tensor)
             if producer is None:
                 unexposed.append((name, f"output '{tensor}' is not computed in the rewritten "
@@ -347,7 +361,7 @@ def conv_probes(original: ModelProto, rewritten: ModelProto
             else:
                 kept = _is_conv(producer)
                 probes.append(ConvProbe(name, tensor, not kept,
-                                        f"kept as {producer.op_type}" if kept else None))
+                                        f"kept as {producer.op_type}" if kept else detail))
         for where, inner in _subgraph_convs(node):
             unexposed.append((inner.name or inner.output[0],
                               f"inside {where}: subgraph values cannot be model outputs"))
@@ -358,6 +372,17 @@ def conv_probes(original: ModelProto, rewritten: ModelProto
                                   f"inside function {function.domain}.{function.name}: "
                                   "function values cannot be model outputs"))
     return probes, unexposed
+
+
+def _sole_batchnorm_readers(model: ModelProto) -> dict[str, NodeProto]:
+    """Tensor -> the BatchNormalization of the main graph that alone reads it: no other node
+    (at any depth) and no graph output does."""
+    readers = Counter(o.name for o in model.graph.output)
+    for graph in graphs(model.graph):
+        for node in graph.node:
+            readers.update(set(node.input))
+    return {n.input[0]: n for n in model.graph.node
+            if is_batchnorm(n) and n.input and readers[n.input[0]] == 1}
 
 
 def _is_conv(node: NodeProto) -> bool:

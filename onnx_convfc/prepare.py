@@ -36,6 +36,7 @@ from onnx import (
 )
 from onnx.reference import ReferenceEvaluator
 
+from .emit import NameScope
 from .families import FAMILIES
 from .graphs import STANDARD_DOMAINS, Holder, constants, subgraphs
 from .options import RewriteOptions
@@ -371,9 +372,9 @@ def _install(holder: Holder, values: dict[str, np.ndarray], cones: dict[str, set
     stats.removed.update(holder.node[k].op_type for k in removed)
     stats.folded += len(values)
     names = {name: name for name in folded}
-    taken = {o for n in holder.node for o in n.output} | used
+    fresh = NameScope({o for n in holder.node for o in n.output} | used)
     for name in sorted(renamed):
-        names[name] = _fresh(f"{name}/folded", taken)
+        names[name] = fresh.take(f"{name}/folded")
         _rename_weight_inputs(holder.node, name, names[name])
     for k in sorted(removed, reverse=True):
         del holder.node[k]
@@ -395,14 +396,6 @@ def _install(holder: Holder, values: dict[str, np.ndarray], cones: dict[str, set
         holder.node.extend([helper.make_node("Constant", [], [new],
                                              value=numpy_helper.from_array(values[name], new))
                             for name, new in sorted(names.items())] + kept)
-
-
-def _fresh(wanted: str, taken: set[str]) -> str:
-    name, n = wanted, 1
-    while name in taken:
-        name, n = f"{wanted}_{n}", n + 1
-    taken.add(name)
-    return name
 
 
 def _rename_weight_inputs(nodes, old: str, new: str) -> None:

@@ -123,6 +123,12 @@ class TensorStore:
                 tensor.Clear()
                 write_array(tensor, data, own_name)
 
+    def placeholders(self, graph: GraphProto) -> Iterator[tuple[TensorProto, Constant]]:
+        """(placeholder, its data) for each of ``graph``'s placeholders the store holds."""
+        for name, tensor in _constant_tensors(graph):
+            if name in self._data:
+                yield tensor, self._data[name]
+
     def missing(self, graph: GraphProto) -> set[str]:
         """Names whose placeholder ``graph`` no longer has."""
         return set(self._data) - {name for name, _ in _constant_tensors(graph)}

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from onnx_convfc import io
+from onnx_convfc import cli, io
 from onnx_convfc.cli import main
 from onnx_convfc.io import InputError, read_model, save_model, save_text
 
@@ -216,3 +216,42 @@ def test_new_output_gets_the_umask_permissions_not_mkstemps(tmp_path):
         os.umask(old)
     for name in ("out.onnx", "out.onnx.data"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+
+
+@pytest.fixture(params=["in-memory", "staged"])
+def verified_from(request, monkeypatch):
+    """``--verify`` on a model that fits in one protobuf (checked before saving), or on one
+    that does not (saved to a staged folder beside the output and checked from there)."""
+    if request.param == "staged":
+        monkeypatch.setattr(cli, "PROTOBUF_LIMIT", 0)
+    return request.param
+
+
+def test_failed_verify_writes_nothing_and_keeps_the_previous_output(tmp_path, capsys,
+                                                                    verified_from):
+    src = _external_input(tmp_path)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous model")
+    (tmp_path / "out.onnx.data").write_bytes(b"previous data")
+    before = _snapshot(tmp_path)
+    code = main(["rewrite", str(src), "-o", str(out), "--quiet", "--verify", "--atol", "0",
+                 "--rtol", "0", "--runs", "3"])
+    captured = capsys.readouterr()
+    assert code == 1 and "parity FAILED" in captured.out
+    assert captured.err.strip().splitlines() == [cli.FAILED_NOTHING_WRITTEN]
+    assert _snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # nothing staged left
+
+
+def test_passed_verify_writes_the_output_with_its_permissions(tmp_path, capsys, verified_from):
+    src = _external_input(tmp_path)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous model")
+    out.chmod(0o640)
+    assert main(["rewrite", str(src), "-o", str(out), "--quiet", "--verify"]) == 0
+    assert f"wrote {out}" not in capsys.readouterr().out  # --quiet
+    model = read_model(out)
+    assert model.external_data and "MatMul" in {n.op_type for n in model.model.graph.node}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "demo.bin", "demo.onnx", "out.onnx", "out.onnx.data"]

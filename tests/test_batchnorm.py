@@ -9,7 +9,7 @@ import pytest
 from convmodels import run
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_convfc import rewrite_model
+from onnx_convfc import check_parity, rewrite_model
 from onnx_convfc.batchnorm import as_affine, fold
 
 RNG = np.random.default_rng(11)
@@ -70,7 +70,7 @@ def _ops(model):
 @pytest.mark.parametrize("conv_has_bias", [True, False])
 def test_fold_puts_the_bn_into_the_lowered_conv(conv_has_bias):
     model, x_shape = _bn_model(conv_has_bias=conv_has_bias)
-    rewritten, report = rewrite_model(model, batchnorm="fold")
+    rewritten, report = rewrite_model(model)  # fold is the default
     onnx.checker.check_model(rewritten, full_check=True)
     assert "BatchNormalization" not in _ops(rewritten) and "Conv" not in _ops(rewritten)
     produced = {o for n in rewritten.graph.node for o in n.output}
@@ -86,7 +86,7 @@ def test_fold_puts_the_bn_into_the_lowered_conv(conv_has_bias):
 def test_bn_whose_conv_output_is_read_elsewhere_becomes_mul_add(rank):
     """The conv's output is a graph output too: folding would lose it, Mul + Add keeps it."""
     model, x_shape = _bn_model(rank, extra_reader=True)
-    rewritten, report = rewrite_model(model, batchnorm="fold")
+    rewritten, report = rewrite_model(model)
     ops = _ops(rewritten)
     assert "BatchNormalization" not in ops and ops.count("Mul") >= 1
     assert "BatchNormalization(s) after lowered convs Mul + Add" in " ".join(report.notes)
@@ -97,12 +97,37 @@ def test_bn_whose_conv_output_is_read_elsewhere_becomes_mul_add(rank):
 
 def test_affine_keeps_every_name():
     model, x_shape = _bn_model()
-    rewritten, report = rewrite_model(model)  # affine is the default
+    rewritten, report = rewrite_model(model, batchnorm="affine")
     produced = {o for n in rewritten.graph.node for o in n.output}
     assert {"conv_out", "bn_out", "Y"} <= produced
     assert "BatchNormalization" not in _ops(rewritten)
     assert report.rewritten[0].note is None or "folded" not in report.rewritten[0].note
     _assert_same_outputs(model, rewritten, x_shape)
+
+
+def test_fold_keeps_the_name_of_a_graph_output_written_by_the_bn():
+    """X -> Conv -> BN -> Y: the lowered conv writes the graph output ``Y`` itself."""
+    model, x_shape = _bn_model()
+    model.graph.node.pop()  # the Relu
+    model.graph.node[-1].output[0] = "Y"
+    rewritten, report = rewrite_model(model)
+    assert "BatchNormalization 'bn' folded in" in report.rewritten[0].note
+    assert [n.op_type for n in rewritten.graph.node][-1] == "Transpose"
+    assert rewritten.graph.node[-1].output[0] == "Y"
+    _assert_same_outputs(model, rewritten, x_shape)
+
+
+def test_per_node_parity_compares_a_folded_conv_at_its_bn():
+    model, _ = _bn_model()
+    rewritten, _ = rewrite_model(model)
+    report = check_parity(model, rewritten, per_node=True)
+    assert report.passed and not report.unexposed
+    (row,) = report.nodes
+    assert (row.node, row.tensor, row.rewritten, row.passed) == ("conv", "bn_out", True, True)
+    assert row.detail == "compared after BatchNormalization 'bn', which was folded into it"
+    affine, _ = rewrite_model(model, batchnorm="affine")
+    (row,) = check_parity(model, affine, per_node=True).nodes
+    assert (row.tensor, row.detail) == ("conv_out", None)
 
 
 def test_keep_leaves_the_bn():

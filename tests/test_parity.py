@@ -445,7 +445,11 @@ def test_cli_rewrite_verify(tmp_path, capsys):
 
     assert main(["rewrite", str(src), "-o", str(tmp_path / "o.onnx"), "--verify",
                  "--atol", "0", "--rtol", "0", "--runs", "3", "--quiet"]) == 1
-    assert "parity FAILED" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "parity FAILED" in captured.out
+    assert captured.err == "parity failed: nothing written; rerun without --verify to keep " \
+        "the output anyway\n"
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def test_cli_help_shows_examples(capsys):

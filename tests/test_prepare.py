@@ -170,6 +170,38 @@ def test_truncated_protobuf_is_refused(tmp_path):
         load_model(path)
 
 
+def _damage(change):
+    """The plain model with its 4.5 KiB weight (a placeholder of the weightless copy the
+    checker gets) changed."""
+    model = _plain_model()
+    change(model.graph.initializer[0])
+    return model
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda t: t.dims.__setitem__(0, 17), r"raw_data holds 4608, too small .* \(4896 required"),
+    (lambda t: t.dims.__setitem__(slice(0, 2), [-16, -8]), "negative dimension"),
+    (lambda t: t.float_data.extend([1.0]), "in one field, holds it in 2"),
+    (lambda t: t.ClearField("raw_data"), "in one field, holds it in 0"),
+    (lambda t: (t.ClearField("raw_data"), t.int64_data.extend(range(M * C * 9))),
+     "belongs in 'float_data', not 'int64_data'"),
+    (lambda t: (t.ClearField("raw_data"), t.float_data.extend([0.5] * 100)),
+     r"float_data holds 100, too small .* \(1152 required"),
+])
+def test_large_tensors_get_the_checkers_data_checks(change, expected):
+    with pytest.raises(InputError, match=expected) as err:
+        io.check_structure(_damage(change), "m.onnx")
+    assert str(err.value).startswith("m.onnx: not a valid ONNX model (tensor 'W': ")
+    assert "\n" not in str(err.value)
+
+
+def test_large_tensor_in_a_typed_field_passes_and_the_model_is_left_alone():
+    model = _damage(lambda t: (t.ClearField("raw_data"), t.float_data.extend(W.ravel())))
+    before = model.SerializeToString()
+    io.check_structure(model)
+    assert model.SerializeToString() == before
+
+
 def test_cli_keeps_external_data_and_writes_nothing_on_error(tmp_path, capsys):
     src = _external_copy(tmp_path)
     assert main(["rewrite", str(src), "-o", str(tmp_path / "out.onnx"), "--quiet"]) == 0

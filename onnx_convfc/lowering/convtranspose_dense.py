@@ -17,7 +17,7 @@ import numpy as np
 from ..conv import ConvSpec
 from ..convtranspose import ConvTransposeSpec
 from ..emit import Emitter
-from .dense import size_text
+from .dense import matrix_refusal
 from .weights import dense_matrix
 
 NAME = "dense"
@@ -33,11 +33,7 @@ def over_budget(spec: ConvTransposeSpec, itemsize: int, max_bytes: int) -> str |
     """The reason the matrix of a static ConvTranspose is too large, or ``None``."""
     rows = spec.in_channels * math.prod(spec.input_spatial)  # Python ints: no overflow
     cols = spec.out_channels * math.prod(spec.output_spatial())
-    size = rows * cols * itemsize
-    if size <= max_bytes:
-        return None
-    return (f"matrix [{rows}, {cols}] needs {size_text(size)}, "
-            f"over --max-dense-bytes {size_text(max_bytes)}")
+    return matrix_refusal(rows, cols, itemsize, max_bytes)
 
 
 def adjoint(spec: ConvTransposeSpec) -> ConvSpec:

@@ -35,7 +35,11 @@ def matrix_shape(spec: ConvSpec) -> tuple[int, int]:
 
 def over_budget(spec: ConvSpec, itemsize: int, max_bytes: int) -> str | None:
     """The reason the matrix of a static conv is too large, or ``None`` when it fits."""
-    rows, cols = matrix_shape(spec)
+    return matrix_refusal(*matrix_shape(spec), itemsize, max_bytes)
+
+
+def matrix_refusal(rows: int, cols: int, itemsize: int, max_bytes: int) -> str | None:
+    """Why a ``[rows, cols]`` matrix of ``itemsize``-byte values is over ``max_bytes``."""
     size = rows * cols * itemsize
     if size <= max_bytes:
         return None
