@@ -110,7 +110,8 @@ def onnxruntime_refuses(op_type: str, spec, dtype) -> str | None:
 def _auto(spec: ConvSpec, lowerings: Mapping[str, ModuleType],
           auto_order: tuple[str, ...]) -> tuple[str | None, str | None]:
     """The first lowering in ``auto_order`` that takes the conv, or ``None`` and the last
-    refusal (Conv's im2col takes every conv; ConvTranspose's subpixel may refuse)."""
+    refusal (im2col refuses only kernels over the tap cap with run-time sizes;
+    ConvTranspose's subpixel may refuse)."""
     refusal = None
     for name in auto_order:
         refusal = lowerings[name].applies(spec)

@@ -75,6 +75,9 @@ def assert_contract(code: int, out: str, err: str, written: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("onnx-convfc: error: "), err
         assert "internal error" not in err, err
         assert not written.exists()
+    elif code == 1:  # --verify found a difference: the output is not written
+        assert "parity failed: nothing written" in err, err
+        assert not written.exists()
     else:
         check_structure(load_model(written), str(written))
 
