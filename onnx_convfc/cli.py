@@ -114,6 +114,12 @@ def options_from_args(args: argparse.Namespace) -> RewriteOptions:
     return RewriteOptions().updated(**values)
 
 
+def _verb(verbs, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A verb whose ``--help`` keeps its description's examples as written."""
+    return verbs.add_parser(name, help=summary, description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnx-convfc",
                      description="Rewrite the convolutions of an ONNX model into MatMul "
@@ -122,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
-    rw = verbs.add_parser("rewrite", help="rewrite convs into MatMul form and save",
-                          description=REWRITE_HELP,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    rw = _verb(verbs, "rewrite", "rewrite convs into MatMul form and save", REWRITE_HELP)
     rw.add_argument("model", help="input .onnx file")
     rw.add_argument("-o", "--output", help="output path (default: IN.convfc.onnx beside the input)")
     rw.add_argument("--inplace", action="store_true", help="replace the input file (atomically)")
@@ -138,26 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_parity_args(rw, input_shape=False)  # --input-shape is a rewrite option already
     rw.set_defaults(run=_rewrite)
 
-    chk = verbs.add_parser("check", help="compare two models' outputs with onnxruntime",
-                           description=CHECK_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    chk = _verb(verbs, "check", "compare two models' outputs with onnxruntime", CHECK_HELP)
     chk.add_argument("original", help="the reference .onnx model")
     chk.add_argument("rewritten", help="the .onnx model to check against it")
     chk.add_argument("--report-json", metavar="FILE", help="write the parity report as JSON")
     add_parity_args(chk)
     chk.set_defaults(run=_check)
 
-    ins = verbs.add_parser("inspect", help="print the plan, write nothing",
-                           description=INSPECT_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    ins = _verb(verbs, "inspect", "print the plan, write nothing", INSPECT_HELP)
     ins.add_argument("model", help="input .onnx file")
     ins.add_argument("--report-json", metavar="FILE", help="write the plan as JSON")
     add_rewrite_options(ins)
     ins.set_defaults(run=_inspect, quiet=False)
 
-    exp = verbs.add_parser("explain", help="show the dense (fully connected) matrix of a conv",
-                           description=EXPLAIN_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp = _verb(verbs, "explain", "show the dense (fully connected) matrix of a conv", EXPLAIN_HELP)
     exp.add_argument("model", help="input .onnx file")
     exp.add_argument("--node", metavar="NAME", help="the conv to explain (default: list them all)")
     exp.add_argument("--png", metavar="FILE", help="draw the matrix's structure (plot extra)")
@@ -166,9 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rewrite_options(exp, names=("input_shapes", "max_dense_bytes"))
     exp.set_defaults(run=_explain)
 
-    ben = verbs.add_parser("bench", help="onnxruntime latency of original vs rewritten",
-                           description=BENCH_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    ben = _verb(verbs, "bench", "onnxruntime latency of original vs rewritten", BENCH_HELP)
     ben.add_argument("original", help="the reference .onnx model")
     ben.add_argument("rewritten", help="the .onnx model to time against it")
     ben.add_argument("--report-json", metavar="FILE", help="write the timings as JSON")

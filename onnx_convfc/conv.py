@@ -18,8 +18,42 @@ class SpecError(ValueError):
     """The node's attributes contradict its weight or the ONNX spec."""
 
 
+def dims_text(values: tuple[int, ...]) -> str:
+    return "x".join(str(v) for v in values)
+
+
+class GroupedGeometry:
+    """What every conv-family spec derives the same way from its fields (``kernel``,
+    ``group``, channel counts, ``input_spatial``, ``pads``, strides and dilations)."""
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel)
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.group
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.group
+
+    @property
+    def is_static(self) -> bool:
+        return all(s is not None for s in self.input_spatial) and self.pads is not None
+
+    def short_parts(self) -> list[str]:
+        """Channels, kernel, and strides/dilations where not 1, for report strings."""
+        parts = [f"{self.in_channels}->{self.out_channels}", f"k{dims_text(self.kernel)}"]
+        if any(s != 1 for s in self.strides):
+            parts.append(f"s{dims_text(self.strides)}")
+        if any(d != 1 for d in self.dilations):
+            parts.append(f"d{dims_text(self.dilations)}")
+        return parts
+
+
 @dataclass(frozen=True)
-class ConvSpec:
+class ConvSpec(GroupedGeometry):
     """Geometry of one conv. Spatial tuples have one entry per spatial axis.
 
     ``input_spatial`` holds ``None`` for a dimension that is not known statically.
@@ -43,21 +77,9 @@ class ConvSpec:
     input_spatial: tuple[int | None, ...]
 
     @property
-    def rank(self) -> int:
-        return len(self.kernel)
-
-    @property
     def extents(self) -> tuple[int, ...]:
         """Span of the dilated kernel minus one, per axis: ``(k - 1) * d``."""
         return tuple((k - 1) * d for k, d in zip(self.kernel, self.dilations))
-
-    @property
-    def in_per_group(self) -> int:
-        return self.in_channels // self.group
-
-    @property
-    def out_per_group(self) -> int:
-        return self.out_channels // self.group
 
     @property
     def taps(self) -> int:
@@ -66,10 +88,6 @@ class ConvSpec:
         for k in self.kernel:
             n *= k
         return n
-
-    @property
-    def is_static(self) -> bool:
-        return all(s is not None for s in self.input_spatial) and self.pads is not None
 
     def padded_spatial(self) -> tuple[int, ...] | None:
         if not self.is_static:
@@ -93,17 +111,9 @@ class ConvSpec:
         return tuple(out)
 
     def short(self) -> str:
-        """Compact geometry string for reports, e.g. ``k3x3 s2 d1 p1,1,1,1 g32``."""
-
-        def fmt(values: tuple[int, ...]) -> str:
-            return "x".join(str(v) for v in values)
-
+        """Compact geometry string for reports, e.g. ``32->32 k3x3 s2x2 p1,1,1,1 g32``."""
         pads = ",".join(str(p) for p in self.pads) if self.pads is not None else self.auto_pad
-        parts = [f"{self.in_channels}->{self.out_channels}", f"k{fmt(self.kernel)}"]
-        if any(s != 1 for s in self.strides):
-            parts.append(f"s{fmt(self.strides)}")
-        if any(d != 1 for d in self.dilations):
-            parts.append(f"d{fmt(self.dilations)}")
+        parts = self.short_parts()
         if self.pads is None or any(self.pads):
             parts.append(f"p{pads}")
         if self.group != 1:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from onnx import NodeProto, helper
 
-from .conv import AUTO_PADS, SpecError
+from .conv import AUTO_PADS, GroupedGeometry, SpecError, dims_text
 
 
 @dataclass(frozen=True)
-class ConvTransposeSpec:
+class ConvTransposeSpec(GroupedGeometry):
     """Geometry of one ConvTranspose. Spatial tuples have one entry per spatial axis.
 
     ``in_channels`` is C (the weight is ``[C, M/group, k...]``), ``out_channels`` is M.
@@ -48,25 +48,9 @@ class ConvTransposeSpec:
     input_spatial: tuple[int | None, ...]
 
     @property
-    def rank(self) -> int:
-        return len(self.kernel)
-
-    @property
     def spans(self) -> tuple[int, ...]:
         """Reach of the dilated kernel per axis: ``(k - 1) * d + 1``."""
         return tuple((k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations))
-
-    @property
-    def in_per_group(self) -> int:
-        return self.in_channels // self.group
-
-    @property
-    def out_per_group(self) -> int:
-        return self.out_channels // self.group
-
-    @property
-    def is_static(self) -> bool:
-        return all(s is not None for s in self.input_spatial) and self.pads is not None
 
     def output_spatial(self) -> tuple[int | None, ...]:
         """Output spatial sizes; ``None`` where not known statically."""
@@ -94,23 +78,15 @@ class ConvTransposeSpec:
 
     def short(self) -> str:
         """Compact geometry string for reports, e.g. ``64->32 k2x2 s2x2 g1``."""
-
-        def fmt(values: tuple[int, ...]) -> str:
-            return "x".join(str(v) for v in values)
-
-        parts = [f"{self.in_channels}->{self.out_channels}", f"k{fmt(self.kernel)}"]
-        if any(s != 1 for s in self.strides):
-            parts.append(f"s{fmt(self.strides)}")
-        if any(d != 1 for d in self.dilations):
-            parts.append(f"d{fmt(self.dilations)}")
+        parts = self.short_parts()
         if self.pads is None:
             parts.append("p?")
         elif any(self.pads):
             parts.append("p" + ",".join(str(p) for p in self.pads))
         if any(self.output_padding):
-            parts.append(f"op{fmt(self.output_padding)}")
+            parts.append(f"op{dims_text(self.output_padding)}")
         if self.output_shape is not None:
-            parts.append(f"out{fmt(self.output_shape)}")
+            parts.append(f"out{dims_text(self.output_shape)}")
         if self.group != 1:
             parts.append(f"g{self.group}")
         return " ".join(parts)
