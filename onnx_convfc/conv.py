@@ -22,9 +22,28 @@ def dims_text(values: tuple[int, ...]) -> str:
     return "x".join(str(v) for v in values)
 
 
+@dataclass(frozen=True)
 class GroupedGeometry:
-    """What every conv-family spec derives the same way from its fields (``kernel``,
-    ``group``, channel counts, ``input_spatial``, ``pads``, strides and dilations)."""
+    """The fields every conv-family spec has, and what follows from them the same way.
+
+    ``input_spatial`` holds ``None`` for a dimension that is not known statically; ``pads``
+    is ``begins + ends`` as in ONNX, or ``None`` when it depends on a run-time size.
+    """
+
+    name: str
+    input: str
+    weight: str
+    bias: str | None
+    output: str
+    in_channels: int
+    out_channels: int
+    group: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...] | None
+    auto_pad: str
+    input_spatial: tuple[int | None, ...]
 
     @property
     def rank(self) -> int:
@@ -54,27 +73,9 @@ class GroupedGeometry:
 
 @dataclass(frozen=True)
 class ConvSpec(GroupedGeometry):
-    """Geometry of one conv. Spatial tuples have one entry per spatial axis.
-
-    ``input_spatial`` holds ``None`` for a dimension that is not known statically.
-    ``pads`` is ``begins + ends`` as in ONNX, or ``None`` when ``auto_pad`` is SAME_* and
-    the padding depends on a spatial size that is only known at run time.
+    """Geometry of one conv. Spatial tuples have one entry per spatial axis; ``pads`` is
+    ``None`` only when ``auto_pad`` is SAME_* and a strided axis has a run-time size.
     """
-
-    name: str
-    input: str
-    weight: str
-    bias: str | None
-    output: str
-    in_channels: int
-    out_channels: int
-    group: int
-    kernel: tuple[int, ...]
-    strides: tuple[int, ...]
-    dilations: tuple[int, ...]
-    pads: tuple[int, ...] | None
-    auto_pad: str
-    input_spatial: tuple[int | None, ...]
 
     @property
     def extents(self) -> tuple[int, ...]:

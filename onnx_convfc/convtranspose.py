@@ -30,22 +30,8 @@ class ConvTransposeSpec(GroupedGeometry):
     ``output_shape`` holds the spatial sizes the attribute demands, if it is set.
     """
 
-    name: str
-    input: str
-    weight: str
-    bias: str | None
-    output: str
-    in_channels: int
-    out_channels: int
-    group: int
-    kernel: tuple[int, ...]
-    strides: tuple[int, ...]
-    dilations: tuple[int, ...]
-    pads: tuple[int, ...] | None
     output_padding: tuple[int, ...]
     output_shape: tuple[int, ...] | None
-    auto_pad: str
-    input_spatial: tuple[int | None, ...]
 
     @property
     def spans(self) -> tuple[int, ...]:
