@@ -47,9 +47,12 @@ MIN_OPSET = 11
 # IR 4 is the first that lets an initializer stay out of the graph inputs.
 MIN_IR_WITHOUT_LISTED_INITIALIZERS = 4
 # The inputs, by index, of conv-like ops that the rewrite wants constant (weights, biases,
-# quantization operands): what folding looks at.
+# quantization operands), and of BatchNormalization, which ``batchnorm.py`` folds into the
+# lowered conv before it only when its parameters are constants: what folding looks at.
 WEIGHT_INPUTS: dict[str, dict[int, str]] = {
-    op: {index: role for role, index in family.roles()} for op, family in FAMILIES.items()}
+    **{op: {index: role for role, index in family.roles()} for op, family in FAMILIES.items()},
+    "BatchNormalization": {1: "scale", 2: "shift", 3: "mean", 4: "variance"},
+}
 # Most bytes the values of the constant subgraphs folded at once may take.
 MAX_FOLD_BYTES = 4 * 2**30
 RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -180,8 +183,9 @@ def fold_weight_cones(model: ModelProto, store: TensorStore | None = None) -> li
     notes = []
     if stats.folded:
         removed = ", ".join(f"{n} {op}" for op, n in stats.removed.most_common())
-        notes.append(f"folded {stats.folded} conv weight/bias input(s) computed by constant "
-                     f"subgraphs into constants (removed {sum(stats.removed.values())} "
+        notes.append(f"folded {stats.folded} conv weight/bias input(s) (BatchNormalization "
+                     f"parameters included) computed by constant subgraphs into "
+                     f"constants (removed {sum(stats.removed.values())} "
                      f"node(s){': ' + removed if removed else ''})")
     return notes + stats.refused
 
