@@ -130,6 +130,52 @@ def same_pads(size: int, kernel: int, stride: int, dilation: int, upper: bool) -
     return (small, total - small) if upper else (total - small, small)
 
 
+def read_attributes(node: NodeProto, weight_shape: tuple[int, ...]
+                    ) -> tuple[dict, int, tuple[int, ...]]:
+    """The node's attributes, its spatial rank and kernel, after checking the weight shape
+    and any ``kernel_shape`` against each other (shared by every conv-family op)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if len(weight_shape) < 3:
+        raise SpecError(f"weight has rank {len(weight_shape)}, expected at least 3")
+    if any(d <= 0 for d in weight_shape):
+        raise SpecError(f"weight shape {list(weight_shape)} has an empty dimension")
+    kernel = tuple(weight_shape[2:])
+    declared_kernel = attrs.get("kernel_shape")
+    if declared_kernel is not None and tuple(declared_kernel) != kernel:
+        raise SpecError(f"kernel_shape={list(declared_kernel)} contradicts weight {list(kernel)}")
+    return attrs, len(kernel), kernel
+
+
+def int_attribute(attrs: dict, name: str, rank: int, default: int, minimum: int,
+                  op_label: str) -> tuple[int, ...]:
+    """A per-axis int attribute (``strides``, ``dilations``...), checked for length and floor."""
+    values = tuple(int(v) for v in attrs.get(name, [default] * rank))
+    if len(values) != rank or min(values) < minimum:
+        raise SpecError(f"{name}={list(values)} invalid for a {rank}-D {op_label}")
+    return values
+
+
+def auto_pad_attribute(attrs: dict) -> str:
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad not in AUTO_PADS:
+        raise SpecError(f"unknown auto_pad={auto_pad!r}")
+    return auto_pad
+
+
+def spatial_of(input_shape: tuple[int | None, ...] | None, rank: int) -> tuple[int | None, ...]:
+    """The input's spatial sizes (``None`` where unknown), checked against the weight's rank."""
+    if input_shape is None:
+        return (None,) * rank
+    if len(input_shape) != rank + 2:
+        raise SpecError(f"input has rank {len(input_shape)} but the weight is {rank}-D")
+    return tuple(input_shape[2:])
+
+
+def bias_input(node: NodeProto) -> str | None:
+    return node.input[2] if len(node.input) > 2 and node.input[2] else None
+
+
 def conv_spec(
     node: NodeProto,
     weight_shape: tuple[int, ...],
@@ -143,39 +189,15 @@ def conv_spec(
     Raises:
         SpecError: when attributes contradict the weight or each other.
     """
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if len(weight_shape) < 3:
-        raise SpecError(f"weight has rank {len(weight_shape)}, expected at least 3")
-    if any(d <= 0 for d in weight_shape):
-        raise SpecError(f"weight shape {list(weight_shape)} has an empty dimension")
-    rank = len(weight_shape) - 2
+    attrs, rank, kernel = read_attributes(node, weight_shape)
     out_channels, in_per_group = weight_shape[0], weight_shape[1]
-    kernel = tuple(weight_shape[2:])
-
     group = int(attrs.get("group", 1))
     if group < 1 or out_channels % group:
         raise SpecError(f"group={group} does not divide the {out_channels} output channels")
-    declared_kernel = attrs.get("kernel_shape")
-    if declared_kernel is not None and tuple(declared_kernel) != kernel:
-        raise SpecError(f"kernel_shape={list(declared_kernel)} contradicts weight {list(kernel)}")
-
-    strides = tuple(attrs.get("strides", [1] * rank))
-    dilations = tuple(attrs.get("dilations", [1] * rank))
-    if len(strides) != rank or min(strides) < 1:
-        raise SpecError(f"strides={list(strides)} invalid for a {rank}-D conv")
-    if len(dilations) != rank or min(dilations) < 1:
-        raise SpecError(f"dilations={list(dilations)} invalid for a {rank}-D conv")
-
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    if auto_pad not in AUTO_PADS:
-        raise SpecError(f"unknown auto_pad={auto_pad!r}")
-
-    if input_shape is not None and len(input_shape) != rank + 2:
-        raise SpecError(f"input has rank {len(input_shape)} but the weight is {rank}-D")
-    spatial: tuple[int | None, ...] = (
-        tuple(input_shape[2:]) if input_shape is not None else (None,) * rank
-    )
+    strides = int_attribute(attrs, "strides", rank, 1, 1, "conv")
+    dilations = int_attribute(attrs, "dilations", rank, 1, 1, "conv")
+    auto_pad = auto_pad_attribute(attrs)
+    spatial = spatial_of(input_shape, rank)
     in_channels = in_per_group * group
     if input_shape is not None and input_shape[1] is not None and input_shape[1] != in_channels:
         raise SpecError(
@@ -197,7 +219,7 @@ def conv_spec(
         name=node.name,
         input=node.input[0],
         weight=node.input[1],
-        bias=node.input[2] if len(node.input) > 2 and node.input[2] else None,
+        bias=bias_input(node),
         output=node.output[0],
         in_channels=in_channels,
         out_channels=out_channels,

@@ -15,9 +15,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onnx import NodeProto, helper
+from onnx import NodeProto
 
-from .conv import AUTO_PADS, GroupedGeometry, SpecError, dims_text
+from .conv import (
+    GroupedGeometry,
+    SpecError,
+    auto_pad_attribute,
+    bias_input,
+    dims_text,
+    int_attribute,
+    read_attributes,
+    spatial_of,
+)
+
+OP_LABEL = "ConvTranspose"
 
 
 @dataclass(frozen=True)
@@ -90,36 +101,20 @@ def conv_transpose_spec(
     Raises:
         SpecError: when attributes contradict the weight or each other.
     """
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if len(weight_shape) < 3:
-        raise SpecError(f"weight has rank {len(weight_shape)}, expected at least 3")
-    if any(d <= 0 for d in weight_shape):
-        raise SpecError(f"weight shape {list(weight_shape)} has an empty dimension")
-    rank = len(weight_shape) - 2
+    attrs, rank, kernel = read_attributes(node, weight_shape)
     in_channels, out_per_group = weight_shape[0], weight_shape[1]
-    kernel = tuple(weight_shape[2:])
-
     group = int(attrs.get("group", 1))
     if group < 1 or in_channels % group:
         raise SpecError(f"group={group} does not divide the {in_channels} input channels")
-    declared_kernel = attrs.get("kernel_shape")
-    if declared_kernel is not None and tuple(declared_kernel) != kernel:
-        raise SpecError(f"kernel_shape={list(declared_kernel)} contradicts weight {list(kernel)}")
-    strides = _ints(attrs, "strides", rank, 1, minimum=1)
-    dilations = _ints(attrs, "dilations", rank, 1, minimum=1)
-    output_padding = _ints(attrs, "output_padding", rank, 0, minimum=0)
+    strides = int_attribute(attrs, "strides", rank, 1, 1, OP_LABEL)
+    dilations = int_attribute(attrs, "dilations", rank, 1, 1, OP_LABEL)
+    output_padding = int_attribute(attrs, "output_padding", rank, 0, 0, OP_LABEL)
     if any(op >= s for op, s in zip(output_padding, strides)):  # as onnxruntime checks
         raise SpecError(f"output_padding={list(output_padding)} must be less than "
                         f"strides={list(strides)}")
 
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    if auto_pad not in AUTO_PADS:
-        raise SpecError(f"unknown auto_pad={auto_pad!r}")
-
-    if input_shape is not None and len(input_shape) != rank + 2:
-        raise SpecError(f"input has rank {len(input_shape)} but the weight is {rank}-D")
-    spatial = tuple(input_shape[2:]) if input_shape is not None else (None,) * rank
+    auto_pad = auto_pad_attribute(attrs)
+    spatial = spatial_of(input_shape, rank)
     if input_shape is not None and input_shape[1] not in (None, in_channels):
         raise SpecError(f"input has {input_shape[1]} channels but the weight expects "
                         f"{in_channels}")
@@ -146,13 +141,13 @@ def conv_transpose_spec(
     else:
         pads = tuple(attrs.get("pads", [0] * (2 * rank)))
         if len(pads) != 2 * rank or min(pads) < 0:
-            raise SpecError(f"pads={list(pads)} invalid for a {rank}-D ConvTranspose")
+            raise SpecError(f"pads={list(pads)} invalid for a {rank}-D {OP_LABEL}")
 
     spec = ConvTransposeSpec(
         name=node.name,
         input=node.input[0],
         weight=node.input[1],
-        bias=node.input[2] if len(node.input) > 2 and node.input[2] else None,
+        bias=bias_input(node),
         output=node.output[0],
         in_channels=in_channels,
         out_channels=out_per_group * group,
@@ -172,13 +167,6 @@ def conv_transpose_spec(
     return spec
 
 
-def _ints(attrs: dict, name: str, rank: int, default: int, minimum: int) -> tuple[int, ...]:
-    values = tuple(int(v) for v in attrs.get(name, [default] * rank))
-    if len(values) != rank or min(values) < minimum:
-        raise SpecError(f"{name}={list(values)} invalid for a {rank}-D ConvTranspose")
-    return values
-
-
 def _output_shape(attrs: dict, rank: int) -> tuple[int, ...] | None:
     """``output_shape``: spatial sizes only (onnxruntime refuses a model with N and C)."""
     values = attrs.get("output_shape")
@@ -186,7 +174,7 @@ def _output_shape(attrs: dict, rank: int) -> tuple[int, ...] | None:
         return None
     values = tuple(int(v) for v in values)
     if len(values) != rank or min(values) < 1:
-        raise SpecError(f"output_shape={list(values)} invalid for a {rank}-D ConvTranspose")
+        raise SpecError(f"output_shape={list(values)} invalid for a {rank}-D {OP_LABEL}")
     return values
 
 
