@@ -34,12 +34,18 @@ def conv_model(x_shape, w, b=None, *, dims=None, opset=17, **attrs) -> onnx.Mode
     return model
 
 
-def run(model: onnx.ModelProto, feeds: dict, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+def session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            ) -> ort.InferenceSession:
+    """A one-thread CPU session with onnxruntime's warnings kept off the test output."""
     so = ort.SessionOptions()
     so.graph_optimization_level = level
     so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run(model: onnx.ModelProto, feeds: dict, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+    return session(model, level).run(None, feeds)
 
 
 def random_conv(rng, c, m, kernel, group=1, bias=True, dtype=np.float32):

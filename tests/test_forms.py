@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from convfamily import node_model
 from convfamily import run as run_node
-from convmodels import conv_model, random_conv
+from convmodels import conv_model, random_conv, session
 from onnx import helper, numpy_helper
 
 from onnx_convfc import rewrite_model
@@ -107,15 +107,6 @@ CASES = [
 ]
 
 
-def _session(model: onnx.ModelProto, level) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
-
-
 def _model(case: Case) -> onnx.ModelProto:
     rng = np.random.default_rng(zlib.crc32(case.id.encode()))
     w, b = random_conv(rng, case.c, case.m, case.kernel, case.group, case.bias, case.dtype)
@@ -147,9 +138,9 @@ def test_form_matches_onnxruntime_conv(case, close, faithful):
     assert wanted <= ops and not unwanted & ops, sorted(ops)
     first_rows = any(n.name.endswith("/patches_to_rows") for n in rewritten.graph.node)
     assert first_rows == (case.form == "channels_first")
-    reference = _session(model, LEVELS[1])
+    reference = session(model, LEVELS[1])
     for level in LEVELS:
-        sess = _session(rewritten, level)
+        sess = session(rewritten, level)
         for x in _inputs(case):
             ref = reference.run(None, {"X": x})[0]
             close(sess.run(None, {"X": x})[0], ref, TOLERANCE[case.dtype],
@@ -197,8 +188,8 @@ def test_gather_index_parts_are_int32_and_shared_by_convs_of_one_geometry(close)
     assert {inits[p].data_type for p in parts["c1"]} == {onnx.TensorProto.INT32}
     assert sum(int(np.prod(inits[p].dims)) for p in parts["c1"]) == 8 + 8 + 9
     x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
-    close(_session(rewritten, LEVELS[0]).run(None, {"X": x})[0],
-          _session(model, LEVELS[0]).run(None, {"X": x})[0], 1e-4)
+    close(session(rewritten, LEVELS[0]).run(None, {"X": x})[0],
+          session(model, LEVELS[0]).run(None, {"X": x})[0], 1e-4)
 
 
 def test_index_parts_add_up_to_positions_in_the_padded_input():

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from convmodels import conv_model
+from convmodels import conv_model, session
 
 from onnx_convfc import rewrite_model
 
@@ -118,15 +118,6 @@ def _out_spatial(spatial, kernel, strides, dilations, pads):
             for i, s in enumerate(spatial)]
 
 
-def _session(model: onnx.ModelProto, level) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
-
-
 def _feeds(case: Case, mode: str, rng) -> list[np.ndarray]:
     """One input for a static model; for dynamic ones other batches (empty too, which Conv
     accepts) and, with symbolic spatial dims, another spatial size (the empty batch there is
@@ -172,7 +163,7 @@ def _references(case: Case, model, w, b, feeds, explicit_pads, reference_conv):
             ref = reference_conv(x, w, b, g["strides"], g["dilations"], pads, g["group"])
             refs.append(ref.astype(case.dtype))
         return refs
-    sess = _session(model, LEVELS["opt_all"])
+    sess = session(model, LEVELS["opt_all"])
     return [sess.run(None, {"X": x})[0] for x in feeds]
 
 
@@ -199,7 +190,7 @@ def test_rewritten_conv_matches_onnxruntime_conv(case, mode, explicit_pads, refe
         assert report.rows[0].lowering == want
         _check_weight_layout(rewritten, w, case, report.rows[0].lowering)
         for level_name, level in LEVELS.items():
-            sess = _session(rewritten, level)
+            sess = session(rewritten, level)
             for x, ref in zip(feeds, refs):
                 out = sess.run(None, {"X": x})[0]
                 assert out.dtype == case.dtype
@@ -260,7 +251,7 @@ def test_empty_batch_with_symbolic_spatial_dims(rank, level):
     model = conv_model((1, 6, *[5] * rank), w, dims=["N", 6, *"HW"[:rank]], group=3)
     rewritten, _ = rewrite_model(model)
     x = np.zeros((0, 6, *[7] * rank), np.float32)
-    out = _session(rewritten, LEVELS[level]).run(None, {"X": x})[0]
+    out = session(rewritten, LEVELS[level]).run(None, {"X": x})[0]
     assert out.shape == (0, 6, *[5] * rank)
 
 
@@ -278,7 +269,7 @@ def test_every_opset_from_the_first_conv_on(opset, close, faithful):
         assert any(f"from {opset} to 11" in note for note in report.notes)
         model = onnx.version_converter.convert_version(model, 11)
     faithful(model, rewritten, report)
-    ref_sess, sess = (_session(m, LEVELS["opt_all"]) for m in (model, rewritten))
+    ref_sess, sess = (session(m, LEVELS["opt_all"]) for m in (model, rewritten))
     for shape in [(1, 4, 7, 7), (2, 4, 10, 5)]:
         x = rng.standard_normal(shape).astype(np.float32)
         close(sess.run(None, {"X": x})[0], ref_sess.run(None, {"X": x})[0], 1e-4, str(shape))
