@@ -71,6 +71,11 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(model, path, bool(external))
 
 
+def initializer_bytes(model: ModelProto) -> int:
+    """Bytes of the main graph's initializer data, read from field lengths: no serialising."""
+    return sum(data_nbytes(t) or 0 for t in model.graph.initializer)
+
+
 def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: bool = False) -> None:
     """Write ``model`` to ``path`` atomically: temporary files in the same folder, renamed.
 
@@ -80,8 +85,7 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
     """
     path = Path(path)
     folder = _folder(path)
-    initializer_bytes = sum(data_nbytes(t) or 0 for t in model.graph.initializer)
-    if not external_data and initializer_bytes <= PROTOBUF_LIMIT:
+    if not external_data and initializer_bytes(model) <= PROTOBUF_LIMIT:
         try:  # written a piece at a time (``serialize.py``): no copy of the whole model
             _write_atomically(path, folder, model_chunks(model, limit=PROTOBUF_LIMIT))
             return
