@@ -38,6 +38,9 @@ from .quantconv import QuantConvSpec
 
 # One emitted node with its names and small constants (measured: 150-400 bytes serialised).
 NODE_BYTES = 512
+# A chunk of Gather rows: Gather, Reshape, MatMul, Add, an index Add and a rows-shape
+# constant (measured: 130 bytes a node).
+CHUNK_NODES_BYTES = 1024
 # Nodes every lowering emits whatever the kernel: Transposes, Reshapes, Pad, MatMul, Add...
 FIXED_NODES = 32
 # Bytes per entry of a Gather index part while it is built: int64 positions, then int32.
@@ -65,11 +68,15 @@ def charge(total: int, need: int, conv: str, lowering: str, limit: int) -> int:
 
 def _patches(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
     """pointwise and im2col (and the depthwise forms they hand over to): the weight in any
-    layout, the bias, up to three nodes per tap (Slice, Mul, Add), and for static sizes the
-    ``[positions, taps]`` Gather indices."""
+    layout, the bias, up to three nodes per tap (Slice, Mul, Add) or for static sizes the
+    ``[positions, taps]`` Gather indices and a few small nodes per chunk of rows."""
     weight = spec.out_channels * spec.in_per_group * spec.taps * itemsize
-    nodes = 3 * spec.taps + FIXED_NODES + (2 * spec.group if options.split_groups else 0)
-    return weight + spec.out_channels * itemsize + nodes * NODE_BYTES + _indices(spec, options)
+    gather = patches.uses_gather(spec)
+    nodes = (0 if gather else 3 * spec.taps) + FIXED_NODES \
+        + (2 * spec.group if options.split_groups else 0)
+    chunks = len(patches.gemm_chunks(spec, itemsize)) * CHUNK_NODES_BYTES if gather else 0
+    return weight + spec.out_channels * itemsize + nodes * NODE_BYTES + chunks \
+        + _indices(spec, options)
 
 
 def _indices(spec: ConvSpec, options: RewriteOptions) -> int:
@@ -85,7 +92,7 @@ def _depthwise(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
     form's index parts."""
     weight = spec.out_channels * spec.taps * itemsize
     gather = depthwise.uses_gather(spec)
-    chunks = depthwise.chunk_count(spec, itemsize) if gather else 1
+    chunks = len(depthwise.chunks(spec, itemsize)) if gather else 1
     indices = (sum(spec.output_spatial()) + spec.taps) * INDEX_BYTES if gather else 0
     nodes = 3 * spec.taps * chunks + FIXED_NODES
     return weight + spec.out_channels * itemsize + nodes * NODE_BYTES + indices

@@ -33,6 +33,7 @@ TOLERANCE = {np.float32: 1e-4, np.float16: 5e-3}
 # op types each form must have, and must not have
 FORMS = {
     "gather": ({"Gather", "MatMul"}, {"Slice", "Concat"}),
+    "gather_chunks": ({"Gather", "MatMul", "Concat"}, {"Slice"}),
     "channels_first": ({"Slice", "Concat", "MatMul"}, {"Gather"}),
     "slices": ({"Slice", "Concat", "MatMul"}, {"Gather"}),
     "dw_gather": ({"Gather", "Mul", "ReduceSum"}, {"MatMul", "Slice"}),
@@ -72,6 +73,14 @@ CASES = [
          dict(group=2, strides=[2, 1]), mode="dyn_batch"),
     Case("3x3-c16-fp16", "gather", 16, 8, (3, 3), (8, 8), dict(pads=[1, 1, 1, 1]),
          dtype=np.float16),
+    # over 4 MiB of patches (patches.CHUNK_BYTES): gathered and multiplied per run of rows
+    Case("3x3-c32-chunks", "gather_chunks", 32, 8, (3, 3), (64, 64), dict(pads=[1, 1, 1, 1])),
+    Case("3x3-c32-s2-dil2-chunks-dyn-batch", "gather_chunks", 32, 8, (3, 3), (150, 60),
+         dict(strides=[2, 1], dilations=[2, 2], pads=[2, 0, 1, 2]), mode="dyn_batch",
+         bias=False),
+    Case("1d-k5-c64-chunks", "gather_chunks", 64, 4, (5,), (4000,), dict(pads=[2, 2])),
+    Case("3x3-c32-chunks-fp16", "gather_chunks", 32, 8, (3, 3), (96, 96),
+         dict(pads=[1, 1, 1, 1]), dtype=np.float16),
     Case("3x3-c16-dynamic", "slices", 16, 8, (3, 3), (9, 9), dict(pads=[1, 1, 1, 1]),
          mode="dyn_all"),
     Case("stem-3x3-s2", "channels_first", 3, 16, (3, 3), (16, 16),
@@ -212,6 +221,21 @@ def test_depthwise_gather_works_in_chunks():
     gathers = [n for n in rewritten.graph.node if n.op_type == "Gather"]
     assert len(gathers) == 2
     assert [n.op_type for n in rewritten.graph.node].count("Concat") == 1
+
+
+def test_im2col_gathers_and_multiplies_per_chunk_of_rows():
+    """64x64 outputs of 288 patch values: 72 KiB per output row, so two chunks of 56 and 8
+    rows, each a Gather, a MatMul and its bias Add, concatenated once."""
+    (case,) = [c for c in CASES if c.id == "3x3-c32-chunks"]
+    rewritten, _ = rewrite_model(_model(case))
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert (ops.count("Gather"), ops.count("MatMul"), ops.count("Concat")) == (2, 2, 1)
+    assert ops.count("Add") == 1 + 2 * 2  # index parts: one shared sum, then per chunk one
+    # more for the index and one for the bias
+    inits = {t.name: t for t in rewritten.graph.initializer}
+    rows = sorted(int(numpy_helper.to_array(inits[n.input[1]])[1])
+                  for n in rewritten.graph.node if "/patch_rows_" in n.name)
+    assert rows == [8, 56]
 
 
 def test_depthwise_keeps_per_group_matmuls_with_split_groups():

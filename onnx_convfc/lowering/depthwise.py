@@ -36,6 +36,8 @@ from .taps import (
     TOO_MANY_TAPS,
     index_parts,
     pad_input,
+    row_chunks,
+    runs,
     shape_target,
     sum_constants,
     tap_slices,
@@ -81,15 +83,9 @@ def uses_gather(spec: ConvSpec) -> bool:
     return spec.in_channels >= 128 or spec.taps > 9 or any(s > 1 for s in spec.strides)
 
 
-def rows_per_chunk(spec: ConvSpec, itemsize: int) -> int:
-    """Rows of the first output axis whose gathered patches fill about ``CHUNK_BYTES``."""
-    out = [int(o) for o in spec.output_spatial()]
-    per_row = int(np.prod(out[1:])) * spec.taps * spec.out_channels * itemsize
-    return max(1, CHUNK_BYTES // per_row)
-
-
-def chunk_count(spec: ConvSpec, itemsize: int) -> int:
-    return -(-int(spec.output_spatial()[0]) // rows_per_chunk(spec, itemsize))
+def chunks(spec: ConvSpec, itemsize: int) -> range:
+    """Starts of the runs of output rows per Gather (``taps.row_chunks``)."""
+    return row_chunks(spec, spec.taps * spec.out_channels * itemsize, CHUNK_BYTES)
 
 
 def _tap_scales(spec: ConvSpec, weight: np.ndarray) -> np.ndarray:
@@ -113,10 +109,9 @@ def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
     first, *rest = index_parts(spec)
     rest = sum_constants(em, rest, "patch_index_rest")
     out = [int(o) for o in spec.output_spatial()]
-    step = rows_per_chunk(spec, weight.dtype.itemsize)
     sums = []
-    for i, start in enumerate(range(0, out[0], step)):
-        index = sum_constants(em, [first[start:start + step], rest], f"patch_index_{i}")
+    for i, (start, stop) in enumerate(runs(chunks(spec, weight.dtype.itemsize))):
+        index = sum_constants(em, [first[start:stop], rest], f"patch_index_{i}")
         patches = em.op("Gather", [x, index], f"patches_{i}", axis=1)  # [N, o.., taps, C(, 1)]
         terms = em.op("Mul", [patches, scales], f"scale_{i}")
         sums.append(_reduce_sum(em, terms, 1 + r, f"sum_taps_{i}"))  # [N, o.., C(, mult)]

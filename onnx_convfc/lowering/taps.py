@@ -109,6 +109,21 @@ def index_parts(spec: ConvSpec) -> list[np.ndarray]:
     return parts
 
 
+def row_chunks(spec: ConvSpec, bytes_per_position: int, chunk_bytes: int) -> range:
+    """Starts of the runs of the first output axis whose gathered patches
+    (``bytes_per_position`` each) fill about ``chunk_bytes``, so that they are still in cache
+    when the next op reads them; a run ends where the next starts, the last at the axis'
+    end. A ``range``: its length is known before any run is built. Static ``spec`` only."""
+    out = [int(o) for o in spec.output_spatial()]
+    per_row = int(np.prod(out[1:], dtype=np.int64)) * bytes_per_position
+    return range(0, out[0], max(1, chunk_bytes // max(1, per_row)))
+
+
+def runs(starts: range) -> list[tuple[int, int]]:
+    """``row_chunks`` as ``(start, stop)`` pairs."""
+    return [(start, min(start + starts.step, starts.stop)) for start in starts]
+
+
 def sum_constants(em: Emitter, parts: list[np.ndarray | str], what: str) -> str:
     """Emit the broadcast sum of ``parts`` (arrays, or names of tensors already emitted)."""
     names = [p if isinstance(p, str) else em.const(f"{what}_part{i}", p)
