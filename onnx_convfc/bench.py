@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,6 +27,8 @@ import onnxruntime as ort
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
 from .io import InputError, load_model, save_text
 from .parity import add_provider_args, resolve_providers, short_name
+from .profile import LoweringProfile, lowerings_from_json, profile_by_lowering
+from .report import Report
 
 DEFAULT_THREADS = 0  # onnxruntime's own choice (one per physical core)
 
@@ -167,13 +167,17 @@ class BenchReport:
     inputs: list[InputSpec]
     rows: list[BenchRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    profile: LoweringProfile | None = None  # with ``profile=True``
 
     def to_dict(self) -> dict:
-        return {"original": self.original, "rewritten": self.rewritten,
+        data = {"original": self.original, "rewritten": self.rewritten,
                 "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)}
                            for s in self.inputs],
                 "rows": [asdict(r) for r in self.rows], "notes": self.notes,
                 "method": __doc__.split("\n\n")[1].replace("\n", " ")}
+        if self.profile is not None:
+            data["profile"] = self.profile.to_dict()
+        return data
 
     def write_json(self, path: str | os.PathLike) -> None:
         save_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
@@ -191,6 +195,11 @@ class BenchReport:
                           f"{r.ratio_q25:.2f}-{r.ratio_q75:.2f}   {r.runs:>5}")
         console.print("ratio = rewritten / original: median of per-round ratios, runs "
                       "interleaved in rotating order")
+        if self.profile is not None:
+            self.profile.render(console)
+            if any(c.lowering is None for c in self.profile.convs):
+                console.print("lowerings unknown: pass --rewrite-report, the JSON that "
+                              "'rewrite --report-json' wrote")
 
 
 def bench_models(original: onnx.ModelProto | str | os.PathLike,
@@ -200,11 +209,15 @@ def bench_models(original: onnx.ModelProto | str | os.PathLike,
                  warmup: int = 3, min_seconds: float = 0.0, seed: int = 0,
                  input_shapes: Iterable[tuple[str, tuple[int, ...]]] = (),
                  input_values: Iterable[tuple[str, tuple[str, ...]]] = (),
-                 inputs_npz: str | os.PathLike | None = None) -> BenchReport:
+                 inputs_npz: str | os.PathLike | None = None, profile: bool = False,
+                 lowerings: Report | Mapping[str, str | None] | None = None) -> BenchReport:
     """Latency of ``rewritten`` against ``original``, side by side, per provider and threads.
 
     Inputs come from ``inputs.plan_feeds`` (same options as parity). The thread count applies
     to the CPU provider's intra-op pool; other providers get one row at their own setting.
+    ``profile``: also profile both models on the first provider at one thread, ``repeats``
+    runs, and say where the time goes per lowering (``profile.profile_by_lowering``; the
+    rewrite's report or ``lowerings`` names each conv's lowering).
 
     Raises:
         InputError: unreadable models, bad inputs, an unavailable provider, a model that
@@ -233,6 +246,10 @@ def bench_models(original: onnx.ModelProto | str | os.PathLike,
             report.rows.append(BenchRow(short_name(full), thread_label(n), ref.median_ms,
                                         new.median_ms, new.ratio, new.ratio_q25,
                                         new.ratio_q75, new.runs))
+    if profile:
+        report.profile = profile_by_lowering(models["original"], models["rewritten"], feeds,
+                                             lowerings=lowerings, runs=repeats,
+                                             provider=full_names[0])
     return report
 
 
@@ -252,12 +269,20 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-seconds", type=float, default=0.0,
                        help="keep timing rounds until this many seconds passed "
                             "(default: %(default)s)")
+    group.add_argument("--profile", action="store_true",
+                       help="then profile both models at 1 thread (--repeats runs): ms per "
+                            "lowering, per op type and per conv kind")
+    group.add_argument("--rewrite-report", metavar="FILE",
+                       help="the JSON 'rewrite --report-json' wrote: names the lowering of "
+                            "each conv in the profile (implies --profile)")
 
 
 def bench_kwargs(args: argparse.Namespace) -> dict:
     """``bench_models`` keywords from arguments parsed with ``add_bench_args``."""
+    lowerings = lowerings_from_json(args.rewrite_report) if args.rewrite_report else None
     return dict(input_kwargs(args), providers=args.providers, threads=args.threads,
-                repeats=args.repeats, warmup=args.warmup, min_seconds=args.min_seconds)
+                repeats=args.repeats, warmup=args.warmup, min_seconds=args.min_seconds,
+                profile=args.profile or lowerings is not None, lowerings=lowerings)
 
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -274,33 +299,3 @@ def _session(data: bytes, threads: int, provider: str, label: str) -> ort.Infere
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own error types
         raise InputError(f"{label}: onnxruntime cannot load it on {short_name(provider)} "
                          f"({str(err).strip().splitlines()[0]})") from None
-
-
-def profile_op_types(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarray], *,
-                     threads: int = DEFAULT_THREADS, runs: int = 20,
-                     provider: str = "CPUExecutionProvider") -> dict[str, float]:
-    """Mean milliseconds per run spent in each op type, from onnxruntime's profiler.
-
-    Op types are those onnxruntime runs after its own fusions (``FusedConv``, ``Gemm``, ...).
-    The first run is a warm-up and is left out.
-    """
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 4  # failures become one-line errors, not log lines
-    so.enable_profiling = True
-    with tempfile.TemporaryDirectory() as folder:
-        so.profile_file_prefix = str(Path(folder) / "profile")
-        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-        sess = ort.InferenceSession(data, so, providers=[provider])
-        for _ in range(runs + 1):
-            sess.run(None, feeds)
-        events = json.loads(Path(sess.end_profiling()).read_text())
-    first_run = min((e for e in events if e["name"] == "model_run"), key=lambda e: e["ts"])
-    warm_from = first_run["ts"] + first_run["dur"]
-    totals: dict[str, float] = {}
-    for event in events:
-        if (event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
-                and event["ts"] >= warm_from):
-            op = event["args"]["op_name"]
-            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e3 / runs
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))

@@ -59,10 +59,14 @@ BENCH_HELP = """Time two models with onnxruntime side by side: interleaved runs,
 
 The ratio is rewritten / original, the median of per-round ratios, with its 25th-75th
 percentiles as the noise figure. Inputs and providers take the same options as check.
+--profile then says where the time goes (onnxruntime's profiler, 1 thread): per lowering
+and op type in the rewritten model, per conv kind in both.
 
 example:
   onnx-convfc bench net.onnx net.convfc.onnx --threads default,1 --repeats 50
   onnx-convfc bench det.onnx det.convfc.onnx --input-shape x:1x3x640x640 --report-json b.json
+  onnx-convfc rewrite net.onnx -o net.convfc.onnx --report-json rewrite.json
+  onnx-convfc bench net.onnx net.convfc.onnx --threads 1 --rewrite-report rewrite.json
 """
 
 EXPLAIN_HELP = """Show a conv as the fully connected layer it is for a fixed input shape:

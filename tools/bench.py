@@ -8,7 +8,8 @@ For each model:
             that interpreter's peak after its imports, against 2 x the output file's size
   latency   onnxruntime CPU, rewritten / original at default threads and at 1 thread
             (``onnx_convfc.bench``: interleaved rounds, median of per-round ratios)
-  ops       with --profile: where the rewritten model spends its time, per op type
+  profile   with --profile: where each model spends its time (1 thread, onnxruntime's
+            profiler): the rewritten one per lowering and op type, both per conv kind
 
 Run:
   python tools/bench.py models/demo_cnn.onnx
@@ -29,17 +30,11 @@ from pathlib import Path
 
 import onnx
 
-from onnx_convfc import RewriteOptions, rewrite_model
-from onnx_convfc.bench import (
-    DEFAULT_THREADS,
-    bench_models,
-    make_session,
-    parse_threads,
-    profile_op_types,
-)
-from onnx_convfc.inputs import plan_feeds
+from onnx_convfc import Report, RewriteOptions, rewrite_model
+from onnx_convfc.bench import DEFAULT_THREADS, bench_models, make_session, parse_threads
 from onnx_convfc.io import read_model, save_model
 from onnx_convfc.options import METHODS, parse_input_shape
+from onnx_convfc.profile import profile_lines
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
@@ -73,13 +68,18 @@ def io_seconds(path: Path, scratch: Path, repeats: int) -> float:
     return median_seconds(lambda: onnx.save(onnx.load(str(path)), str(scratch)), repeats)
 
 
-def rewrite_seconds(path: Path, out: Path, options: RewriteOptions, repeats: int) -> float:
+def rewrite_seconds(path: Path, out: Path, options: RewriteOptions,
+                    repeats: int) -> tuple[float, Report]:
+    """Median seconds of a whole rewrite, and the last rewrite's report."""
+    last: list[Report] = []
+
     def once() -> None:
         loaded = read_model(path)
-        model, _ = rewrite_model(loaded.model, options)
+        model, report = rewrite_model(loaded.model, options)
         save_model(model, out, external_data=loaded.external_data)
+        last[:] = [report]
 
-    return median_seconds(once, repeats)
+    return median_seconds(once, repeats), last[0]
 
 
 def rewrite_memory(path: Path, out: Path, options: RewriteOptions) -> dict:
@@ -100,22 +100,21 @@ def measure(path: Path, options: RewriteOptions, args: argparse.Namespace) -> di
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / (path.stem + ".convfc.onnx")
         row: dict = {"model": str(path), "method": options.method}
-        row["rewrite_s"] = rewrite_seconds(path, out, options, args.io_repeats)
+        row["rewrite_s"], report = rewrite_seconds(path, out, options, args.io_repeats)
         row["io_input_s"] = io_seconds(path, Path(folder) / "in_copy.onnx", args.io_repeats)
         row["io_output_s"] = io_seconds(out, Path(folder) / "out_copy.onnx", args.io_repeats)
         row["input_mib"] = path.stat().st_size / 2**20
         row["output_mib"] = out.stat().st_size / 2**20
         row["memory"] = rewrite_memory(path, Path(folder) / "mem.onnx", options)
         bench = bench_models(path, out, threads=args.threads, repeats=args.repeats,
-                             input_shapes=options.input_shapes)
+                             input_shapes=options.input_shapes, profile=args.profile,
+                             lowerings=report)
         row["latency"] = {r.threads: {"original_ms": r.original_ms,
                                       "rewritten_ms": r.rewritten_ms, "ratio": r.ratio,
                                       "q25": r.ratio_q25, "q75": r.ratio_q75}
                           for r in bench.rows}
-        if args.profile:
-            feeds = plan_feeds(onnx.load(str(path)), input_shapes=options.input_shapes).feeds()
-            row["profile_ms"] = {label: profile_op_types(str(p), feeds, threads=1)
-                                 for label, p in (("original", path), ("rewritten", out))}
+        if bench.profile is not None:
+            row["profile"] = bench.profile.to_dict()
             make_session(str(out), 1, optimized_path=str(Path(folder) / "opt.onnx"))
             optimized = onnx.load(str(Path(folder) / "opt.onnx"), load_external_data=False)
             row["optimized_transposes"] = sum(n.op_type == "Transpose"
@@ -138,9 +137,8 @@ def show(row: dict) -> None:
         print(f"  latency threads={threads}: {lat['original_ms']:.2f} ms -> "
               f"{lat['rewritten_ms']:.2f} ms, ratio {lat['ratio']:.3f} "
               f"[{lat['q25']:.3f}-{lat['q75']:.3f}]")
-    for label, ops in row.get("profile_ms", {}).items():
-        top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(ops.items())[:8])
-        print(f"  1-thread profile {label} (ms/run): {top}")
+    for line in profile_lines(row["profile"]) if "profile" in row else []:
+        print(f"  {line}")
     if "optimized_transposes" in row:
         print(f"  Transposes left after onnxruntime's optimisations: {row['optimized_transposes']}")
 
@@ -161,7 +159,8 @@ def main() -> int:
                              "(default: default,1)")
     parser.add_argument("--repeats", type=int, default=20, help="latency rounds")
     parser.add_argument("--io-repeats", type=int, default=3, help="rewrite and io repeats")
-    parser.add_argument("--profile", action="store_true", help="per-op-type breakdown")
+    parser.add_argument("--profile", action="store_true",
+                        help="where the time goes: per lowering, op type and conv kind")
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args()
     paths = list(args.models) + [LIGHT / f"light_{name}.onnx" for name in args.light]
