@@ -284,7 +284,8 @@ def _key(spec: ConvSpec, batch: int, dtype, opset: int | None, candidates: tuple
         "op": "Conv", "geometry": geometry, "batch": batch, "bias": spec.bias is not None,
         "candidates": list(candidates),
         "dtype": np.dtype(dtype).name, "opset": opset, "threads": options.latency_threads,
-        "split_groups": options.split_groups, "onnxruntime": ort.__version__,
+        "split_groups": options.split_groups, "weight_left": options.weight_left,
+        "onnxruntime": ort.__version__,
         "onnx_convfc": __version__, "cpu": f"{platform.machine()} x{os.cpu_count()}",
     }, sort_keys=True)
 

@@ -83,6 +83,11 @@ class RewriteOptions:
         "help": "give grouped and depthwise convs one 2-D MatMul per group instead of one "
                 "batched 3-D MatMul, so MatMul-only quantizers (MatMulNBits, quantize_dynamic) "
                 "reach their weights too; more nodes, slower on onnxruntime"})
+    weight_left: bool = field(default=False, metadata={
+        "action": "store_true",
+        "help": "pointwise convs over at least 28x28 pixels become W @ X on channels-first "
+                "pixels, with no Transposes (measured faster there on onnxruntime); the "
+                "weight is then MatMul's A, which B-only quantizers (MatMulNBits) skip"})
     max_dense_bytes: int = field(default=64 * 2**20, metadata={
         "parse": parse_bytes, "metavar": "SIZE",
         "help": "largest matrix --method dense builds for one conv, e.g. 64MiB or 1GB; a "

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
+from onnx_convfc.lowering.pointwise import WEIGHT_LEFT_NODE
+
 
 def onnx_same_pads(size: int, kernel: int, stride: int, dilation: int,
                    upper: bool) -> tuple[int, int]:
@@ -112,8 +114,9 @@ def check_rewritten(original: onnx.ModelProto, rewritten: onnx.ModelProto, repor
     if not lowered:
         return
 
-    # FC form: every MatMul multiplies by a constant weight of the conv's dtype; depthwise
-    # convs may have none (lowering/depthwise.py scales the taps instead)
+    # FC form: every MatMul multiplies by a constant weight of the conv's dtype, as B except
+    # with --weight-left; depthwise convs may have none (lowering/depthwise.py scales the taps
+    # instead)
     inits = {t.name: t for t in rewritten.graph.initializer}
     conv_names = {c.name for c in convs}
     matmuls = [n for n in rewritten.graph.node if n.op_type == "MatMul"]
@@ -122,8 +125,9 @@ def check_rewritten(original: onnx.ModelProto, rewritten: onnx.ModelProto, repor
                      if t.name in {c.input[1] for c in convs}}
     for mm in matmuls:
         assert mm.name.split("/convfc/")[0] in conv_names, mm.name
-        weight = inits.get(mm.input[1])
-        assert weight is not None, f"{mm.name}: B is not an initializer"
+        weight_left = mm.name.endswith(f"/convfc/{WEIGHT_LEFT_NODE}")
+        weight = inits.get(mm.input[0 if weight_left else 1])
+        assert weight is not None, f"{mm.name}: {'A' if weight_left else 'B'} is not constant"
         assert weight.data_type in weight_dtypes
     old_nodes = {n.name for n in original.graph.node}
     for n in rewritten.graph.node:

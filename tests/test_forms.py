@@ -38,6 +38,8 @@ FORMS = {
     "slices": ({"Slice", "Concat", "MatMul"}, {"Gather"}),
     "dw_gather": ({"Gather", "Mul", "ReduceSum"}, {"MatMul", "Slice"}),
     "dw_shift_add": ({"Mul"}, {"MatMul", "Gather", "ReduceSum"}),
+    "weight_left": ({"MatMul", "Reshape"}, {"Transpose", "Gather", "Slice"}),
+    "fc_pointwise": ({"Transpose", "MatMul"}, {"Gather", "Concat"}),
 }
 
 
@@ -54,6 +56,7 @@ class Case:
     bias: bool = True
     dtype: type = np.float32
     opset: int = 17
+    options: dict = field(default_factory=dict)  # rewrite options
 
     @property
     def group(self) -> int:
@@ -110,6 +113,19 @@ CASES = [
     Case("dw-c4-1x1-no-bias", "dw_shift_add", 4, 4, (1, 1), (5, 5), dict(group=4), bias=False),
     Case("dw-c128-dynamic", "dw_shift_add", 128, 128, (3, 3), (6, 6),
          dict(group=128, strides=[2, 2]), mode="dyn_all"),
+    # --weight-left: W @ X over channels-first pixels where there are enough of them
+    Case("1x1-weight-left", "weight_left", 16, 24, (1, 1), (28, 30),
+         options=dict(weight_left=True)),
+    Case("1x1-weight-left-dyn-batch-fp16", "weight_left", 8, 4, (1, 1), (30, 30),
+         mode="dyn_batch", bias=False, dtype=np.float16, options=dict(weight_left=True)),
+    Case("1d-weight-left-valid", "weight_left", 4, 6, (1,), (800,), dict(auto_pad="VALID"),
+         options=dict(weight_left=True)),
+    Case("1x1-weight-left-too-small", "fc_pointwise", 16, 8, (1, 1), (27, 28),
+         options=dict(weight_left=True)),
+    Case("1x1-weight-left-strided", "fc_pointwise", 16, 8, (1, 1), (60, 60), dict(strides=[2, 2]),
+         options=dict(weight_left=True)),
+    Case("1x1-weight-left-dynamic", "fc_pointwise", 16, 8, (1, 1), (30, 30), mode="dyn_all",
+         options=dict(weight_left=True)),
     # over taps.MAX_SLICE_TAPS taps: a Gather whatever the channels, never 4225 Slices
     Case("huge-kernel-c2", "gather", 2, 3, (65, 65), (66, 67), dict(pads=[0, 1, 0, 0])),
     Case("huge-kernel-dw-c4", "dw_gather", 4, 4, (65, 65), (66, 66), dict(group=4)),
@@ -140,7 +156,7 @@ def _inputs(case: Case) -> list[np.ndarray]:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_form_matches_onnxruntime_conv(case, close, faithful):
     model = _model(case)
-    rewritten, report = rewrite_model(model)
+    rewritten, report = rewrite_model(model, **case.options)
     faithful(model, rewritten, report)
     ops = {n.op_type for n in rewritten.graph.node}
     wanted, unwanted = FORMS[case.form]
