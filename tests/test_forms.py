@@ -110,6 +110,14 @@ CASES = [
          dict(group=8, strides=[2, 1], auto_pad="SAME_UPPER"), mode="dyn_all"),
     Case("dw-c8-5x5-fp16", "dw_shift_add", 8, 8, (5, 5), (10, 10),
          dict(group=8, pads=[2, 2, 2, 2]), dtype=np.float16),
+    # over 512 KiB of output (depthwise.SHIFT_ADD_CHUNK_BYTES): summed per run of rows
+    Case("dw-c16-shift-add-chunks", "dw_shift_add", 16, 16, (3, 3), (96, 96),
+         dict(group=16, pads=[1, 1, 1, 1])),
+    Case("dw-c8-x2-s2-dil2-shift-add-chunks", "dw_shift_add", 8, 16, (3, 3), (300, 90),
+         dict(group=8, strides=[2, 1], dilations=[2, 1], pads=[1, 0, 2, 1]), bias=False,
+         mode="dyn_batch"),
+    Case("dw-c16-shift-add-chunks-fp16", "dw_shift_add", 16, 16, (5, 5), (130, 130),
+         dict(group=16, pads=[2, 2, 2, 2]), dtype=np.float16),
     Case("dw-c4-1x1-no-bias", "dw_shift_add", 4, 4, (1, 1), (5, 5), dict(group=4), bias=False),
     Case("dw-c128-dynamic", "dw_shift_add", 128, 128, (3, 3), (6, 6),
          dict(group=128, strides=[2, 2]), mode="dyn_all"),
@@ -237,6 +245,19 @@ def test_depthwise_gather_works_in_chunks():
     gathers = [n for n in rewritten.graph.node if n.op_type == "Gather"]
     assert len(gathers) == 2
     assert [n.op_type for n in rewritten.graph.node].count("Concat") == 1
+
+
+def test_depthwise_shift_add_sums_per_run_of_rows():
+    """16 channels @96x96: 6 KiB of output per row, so runs of 85 and 11 rows, each a Slice
+    of the padded input's rows and nine taps."""
+    (case,) = [c for c in CASES if c.id == "dw-c16-shift-add-chunks"]
+    rewritten, _ = rewrite_model(_model(case))
+    names = [n.name for n in rewritten.graph.node]
+    assert sum("/rows_" in n for n in names) == 2
+    assert sum("/tap_" in n for n in names) == 2 * 9
+    inits = {t.name: numpy_helper.to_array(t) for t in rewritten.graph.initializer}
+    ends = sorted(int(inits[n.input[2]][0]) for n in rewritten.graph.node if "/rows_" in n.name)
+    assert ends == [85 + 2, 96 + 2]
 
 
 def test_im2col_gathers_and_multiplies_per_chunk_of_rows():

@@ -61,9 +61,11 @@ def _same_pads(spec: ConvSpec, em: Emitter, x: str, first_axis: int, trail: list
     return em.op("Concat", [lead, begin, *tail, lead, end, *tail], "same_pads", axis=0)
 
 
-def tap_slices(spec: ConvSpec, em: Emitter, x: str, first_axis: int) -> list[str]:
+def tap_slices(spec: ConvSpec, em: Emitter, x: str, first_axis: int,
+               suffix: str = "") -> list[str]:
     """One strided Slice of the padded ``x`` per kernel offset (row-major), over the spatial
-    axes ``first_axis..``; ends count from the end, so any run-time size works."""
+    axes ``first_axis..``; ends count from the end, so any run-time size works (and so does
+    a run of rows of the padded input). ``suffix`` ends the node names."""
     r = spec.rank
     axes = em.ints("spatial_axes", list(range(first_axis, first_axis + r)))
     steps = em.ints("strides", spec.strides)
@@ -77,7 +79,8 @@ def tap_slices(spec: ConvSpec, em: Emitter, x: str, first_axis: int) -> list[str
             continue
         tag = "x".join(str(o) for o in offset)
         pieces.append(em.op("Slice", [x, em.ints(f"starts_{tag}", starts),
-                                      em.ints(f"ends_{tag}", ends), axes, steps], f"tap_{tag}"))
+                                      em.ints(f"ends_{tag}", ends), axes, steps],
+                             f"tap_{tag}{suffix}"))
     return pieces
 
 
