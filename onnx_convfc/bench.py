@@ -242,7 +242,8 @@ def bench_models(original: onnx.ModelProto | str | os.PathLike,
                                             min_seconds=min_seconds)
             except Exception as err:  # noqa: BLE001 - onnxruntime raises its own error types
                 raise InputError(f"onnxruntime failed to run a model on {short_name(full)} "
-                                 f"({str(err).strip().splitlines()[0]})") from None
+                                 f"({str(err).strip().splitlines()[0]})"
+                                 f"{plan.failure_hint()}") from None
             report.rows.append(BenchRow(short_name(full), thread_label(n), ref.median_ms,
                                         new.median_ms, new.ratio, new.ratio_q25,
                                         new.ratio_q75, new.runs))

@@ -87,10 +87,14 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[int, ...]
     source: str  # "random", "npz" or "--input-value"
+    defaults: str = ""  # the dims no option set, e.g. "batch=1, sequence=32"
 
-    def describe(self) -> str:
+    def describe(self, *, defaults: bool = False) -> str:
+        """``X float32 1x3x32x32 (random)``; ``defaults`` adds the dims no option set."""
         dims = "x".join(map(str, self.shape)) or "scalar"
-        return f"{self.name} {self.dtype} {dims} ({self.source})"
+        how = f"{self.source}, defaults {self.defaults}" if defaults and self.defaults \
+            else self.source
+        return f"{self.name} {self.dtype} {dims} ({how})"
 
 
 @dataclass
@@ -106,6 +110,21 @@ class FeedPlan:
         rng = np.random.default_rng([self.seed, run])
         return {s.name: self.fixed[s.name] if s.name in self.fixed else _random(rng, s)
                 for s in self.specs}
+
+    def empty_hint(self) -> str:
+        """For an onnxruntime failure on inputs with no elements (a declared batch of 0),
+        which some kernels and shape checks refuse; ``""`` when every input has elements."""
+        empty = [f"{s.name} {_text(s.shape)}" for s in self.specs if 0 in s.shape]
+        if not empty:
+            return ""
+        return f"; the inputs hold no elements ({', '.join(empty)}), which some ops cannot take"
+
+    def failure_hint(self) -> str:
+        """For a model onnxruntime cannot run at these inputs: what was fed, how to pin it."""
+        return self.empty_hint() or (
+            f"; inputs tried: {', '.join(s.describe(defaults=True) for s in self.specs)}; "
+            "pin them with --input-shape NAME:DxD.., --input-value NAME:V[,V..] "
+            "or --inputs FILE.npz")
 
 
 def plan_feeds(model: ModelProto, *, seed: int = 0,
@@ -151,13 +170,18 @@ def plan_feeds(model: ModelProto, *, seed: int = 0,
             fixed[name] = _pinned(name, values[name], dtypes[name], declared[name],
                                   shapes.get(name), bound)
             sources[name] = "--input-value"
+        defaults = ""
         if name in fixed:
             shape = tuple(fixed[name].shape)
         elif name in shapes:
             shape = tuple(shapes[name])
         else:
-            shape = _default_shape(name, declared[name], bound, notes)
-        specs.append(InputSpec(name, dtypes[name], shape, sources.get(name, "random")))
+            shape, defaults = _default_shape(name, declared[name], bound)
+        if defaults:
+            notes.append(f"input '{name}': {_text(shape)} with defaults {defaults} "
+                         f"(set it with --input-shape {name}:{_text(shape)})")
+        specs.append(InputSpec(name, dtypes[name], shape, sources.get(name, "random"),
+                               defaults))
     _refuse_huge_random(specs, fixed)
     return FeedPlan(specs, fixed, seed, notes)
 
@@ -213,11 +237,12 @@ def _numpy_dtype(value: ValueInfoProto) -> np.dtype:
 def _declared_dims(value: ValueInfoProto) -> tuple | None:
     """Declared dims (int, symbolic name, or None), or None when no shape is declared.
 
-    A declared dim <= 0 (exporters write -1 for "any size") counts as unknown."""
+    A negative declared dim (exporters write -1 for "any size") counts as unknown; a declared
+    0 is a size (an empty axis), which onnxruntime enforces like any other."""
     tensor = value.type.tensor_type
     if not tensor.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0
                  else (d.dim_param or None) for d in tensor.shape.dim)
 
 
@@ -247,8 +272,9 @@ def _bind_dim_names(declared: dict, known: dict) -> dict[str, int]:
     return bound
 
 
-def _default_shape(name: str, declared: tuple | None, bound: dict[str, int],
-                   notes: list[str]) -> tuple[int, ...]:
+def _default_shape(name: str, declared: tuple | None,
+                   bound: dict[str, int]) -> tuple[tuple[int, ...], str]:
+    """The shape to feed, and the dims it took by default (``"batch=1, axis 2=32"``)."""
     if declared is None:
         raise InputError(f"input '{name}' declares no shape; give it with --input-shape "
                          f"{name}:DxD.. or --inputs FILE.npz")
@@ -266,10 +292,7 @@ def _default_shape(name: str, declared: tuple | None, bound: dict[str, int],
                 bound[dim] = value
             shape.append(value)
             guessed.append(f"{dim or f'axis {axis}'}={value}")
-    if guessed:
-        notes.append(f"input '{name}': {_text(shape)} with defaults {', '.join(guessed)} "
-                     f"(set it with --input-shape {name}:{_text(shape)})")
-    return tuple(shape)
+    return tuple(shape), ", ".join(guessed)
 
 
 def _pinned(name: str, texts: tuple[str, ...], dtype: np.dtype, declared: tuple | None,
@@ -282,7 +305,7 @@ def _pinned(name: str, texts: tuple[str, ...], dtype: np.dtype, declared: tuple 
     elif declared is not None and len(declared) == 1 and not isinstance(declared[0], int):
         shape = (len(values),)
     else:
-        shape = _default_shape(name, declared, dict(bound), [])
+        shape, _ = _default_shape(name, declared, dict(bound))
     count = int(np.prod(shape, dtype=np.int64))
     if len(values) == count:
         return values.reshape(shape)

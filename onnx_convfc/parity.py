@@ -623,8 +623,18 @@ def check_parity(original: ModelProto | str | os.PathLike,
                          f"(outputs: {', '.join(outputs)})")
     feeds = [plan.feeds(run) for run in range(runs)]
     sources = (_source(original, ref_model, per_node), _source(rewritten, new_model, per_node))
-    for full in full_names:
-        _compare_on(full, sources, outputs, probes, feeds, tolerances, report, ref_model)
+    try:
+        for full in full_names:
+            _compare_on(full, sources, outputs, probes, feeds, tolerances, report, ref_model)
+    except ProviderError:
+        raise
+    except InputError as err:  # the original runs neither in onnxruntime nor in onnx.reference
+        raise InputError(f"{err}{plan.failure_hint()}") from None
+    report.errors = [f"{error}{plan.empty_hint()}" for error in report.errors]
+    empty = [c.tensor for c in report.outputs if c.stats is not None and not c.stats.elements]
+    if empty:
+        report.notes.append(f"output {', '.join(dict.fromkeys(empty))}: empty, with the same "
+                            "shape in both models, so equal with no values to compare")
     return report
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from convmodels import conv_model, random_conv
+from onnx import TensorProto, helper, numpy_helper
 
 from onnx_convfc import rewrite_model
 from onnx_convfc.bench import (
@@ -116,3 +117,44 @@ def test_cli_bench_bad_input_exits_2(model_pair, extra, capsys):
 def test_cli_bench_missing_file_exits_2(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "no.onnx"), str(tmp_path / "no2.onnx")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def vad_like() -> onnx.ModelProto:
+    """silero-vad's trouble in small: ``input[:, :sr]`` reflect-padded by 40, then a conv; it
+    runs only with a long enough ``input`` and a large ``sr`` (random ints are 0..3)."""
+    consts = {"zero": [0], "axis1": [1], "pads": [0, 40, 0, 40]}
+    inits = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in consts.items()]
+    inits.append(numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((2, 1, 3)).astype(np.float32), "W"))
+    nodes = [helper.make_node("Unsqueeze", ["sr", "zero"], ["end"]),
+             helper.make_node("Slice", ["input", "zero", "end", "axis1"], ["cut"]),
+             helper.make_node("Pad", ["cut", "pads"], ["padded"], mode="reflect"),
+             helper.make_node("Unsqueeze", ["padded", "axis1"], ["x"]),
+             helper.make_node("Conv", ["x", "W"], ["Y"], name="conv")]
+    graph = helper.make_graph(nodes, "vad", [
+        helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "sequence"]),
+        helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_cli_bench_at_inputs_the_model_cannot_take_names_them_and_the_pins(tmp_path, capsys):
+    original = vad_like()
+    rewritten, _ = rewrite_model(original)
+    paths = [tmp_path / "vad.onnx", tmp_path / "vad.convfc.onnx"]
+    onnx.save(original, paths[0])
+    onnx.save(rewritten, paths[1])
+    run = ["bench", *map(str, paths), "--threads", "1", "--repeats", "1", "--warmup", "0"]
+
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Pad" in err, err
+    assert "inputs tried: input float32 1x32 (random, defaults batch=1, sequence=32), " \
+        "sr int64 scalar (random); pin them with --input-shape NAME:DxD.., " \
+        "--input-value NAME:V[,V..] or --inputs FILE.npz" in err, err
+
+    assert main([*run, "--input-shape", "input:1x64"]) == 2
+    assert "input float32 1x64 (random), sr int64 scalar (random)" in capsys.readouterr().err
+
+    assert main([*run, "--input-shape", "input:1x64", "--input-value", "sr:16000"]) == 0
+    assert "sr int64 scalar (--input-value)" in capsys.readouterr().out

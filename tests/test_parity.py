@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -196,6 +197,42 @@ def test_rewritten_that_cannot_run_fails_instead_of_raising(chain):
     broken.graph.node[0].op_type = "NoSuchOp"
     report = check_parity(model, broken)
     assert not report.passed and "NoSuchOp" in report.errors[0]
+
+
+def test_declared_batch_of_zero_is_fed_empty_and_empty_outputs_are_equal(tmp_path, capsys):
+    """onnxruntime enforces a declared 0 like any other size: feeding batch 1 failed both
+    models. Two empty outputs of the same shape are equal, with nothing to compare."""
+    src, out, report = tmp_path / "empty.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(chain_model(dims=(0, 3, 16, 16)), src)
+    assert main(["rewrite", str(src), "-o", str(out), "--verify", "--quiet",
+                 "--report-json", str(report)]) == 0, capsys.readouterr()
+    parity = json.loads(report.read_text())["parity"]
+    assert parity["passed"] and parity["inputs"][0]["shape"] == [0, 3, 16, 16]
+    row = parity["outputs"][0]
+    assert row["shape"] == [0, 4, 7, 7] and row["elements"] == 0 and row["cosine"] == 1.0
+    assert any("output Y: empty" in n for n in parity["notes"]), parity["notes"]
+    assert out.is_file()
+    with pytest.raises(InputError, match="fixes it to 0"):
+        plan_feeds(onnx.load(src), input_shapes=[("X", (1, 3, 16, 16))])
+
+
+def test_onnxruntime_failing_on_an_empty_batch_says_the_inputs_are_empty():
+    model = chain_model(dims=(0, 3, 16, 16))
+    rewritten, _ = rewrite_model(model)
+    hint = "the inputs hold no elements (X 0x3x16x16)"
+    broken = onnx.ModelProto()
+    broken.CopyFrom(rewritten)
+    broken.graph.node[0].op_type = "NoSuchOp"
+    report = check_parity(model, broken)
+    assert not report.passed and hint in report.errors[0]
+
+    # Row 0 of an empty batch: neither onnxruntime nor onnx.reference can run the original.
+    for graph in (model.graph, rewritten.graph):
+        graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), "row"))
+        graph.node.append(helper.make_node("Gather", ["Y", "row"], ["Z"], axis=0))
+        graph.output[0].name = "Z"
+    with pytest.raises(InputError, match=r"cannot run it either .*" + re.escape(hint)):
+        check_parity(model, rewritten)
 
 
 # ---------------------------------------------------------------- inputs
