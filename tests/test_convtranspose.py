@@ -220,6 +220,15 @@ def test_dense(case):
     assert list(weight.dims) == [4 * 9 * 7, per_sample]  # the exact FC layer
 
 
+def test_dense_runs_an_empty_batch():
+    """The flatten is ``[-1, K]``: ``[0, -1]`` cannot be resolved for a batch of 0, and
+    onnxruntime refused to load the rewritten model when the batch was declared 0."""
+    model, _ = transpose_model((0, 4, 5, 5), 4, 3, (3, 3), strides=[2, 2])
+    rewritten, _ = lowered(model, "dense", method="dense")
+    x = np.zeros((0, 4, 5, 5), np.float32)
+    assert run(rewritten, {"X": x})[0].shape == run(model, {"X": x})[0].shape == (0, 3, 11, 11)
+
+
 def test_dense_falls_back_over_budget_and_when_dynamic():
     model, feeds = transpose_model((1, 4, 9, 7), 4, 3, (3, 3), strides=[2, 2])
     rewritten, row = lowered(model, "subpixel", method="dense", max_dense_bytes=1000)

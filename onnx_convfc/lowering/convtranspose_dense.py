@@ -61,8 +61,11 @@ def matrix(weight: np.ndarray, spec: ConvTransposeSpec) -> np.ndarray:
 def emit(spec: ConvTransposeSpec, weight: np.ndarray, bias: np.ndarray | None,
          em: Emitter) -> None:
     out = spec.output_spatial()
-    flat = em.op("Reshape", [spec.input, em.ints("flat_shape", [0, -1])], "flatten")
-    y = em.op("MatMul", [flat, em.const("weight", matrix(weight, spec))])
+    dense = matrix(weight, spec)
+    # [-1, K], not [0, -1]: Reshape cannot resolve -1 for an empty batch
+    flat = em.op("Reshape", [spec.input, em.ints("flat_shape", [-1, dense.shape[0]])],
+                 "flatten")
+    y = em.op("MatMul", [flat, em.const("weight", dense)])
     if bias is not None:
         y = em.op("Add", [y, em.const("bias", np.repeat(bias, int(np.prod(out))))], "AddBias")
     em.op("Reshape", [y, em.ints("out_shape", [0, spec.out_channels, *out])], "unflatten",
