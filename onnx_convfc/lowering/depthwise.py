@@ -27,6 +27,7 @@ With a channel multiplier the input gets a unit axis (``[.., C, 1]``) that the w
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -52,6 +53,8 @@ CHUNK_BYTES = 1 << 20
 # Measured (3x3, 1 thread): 16 @320x320 3.25x the Conv in 512 KiB runs vs 4.62x in one
 # piece, 48 @160x160 3.67x vs 4.47x; 96 @80x80 4.53x vs 4.97x (256 KiB-1 MiB within 10 %).
 SHIFT_ADD_CHUNK_BYTES = 512 << 10
+# Output size (at 4 bytes a value) from which 3x3 depthwise convs take shift-add.
+SHIFT_ADD_OUTPUT_BYTES = 1 << 20
 # Largest set of per-tap scales repeated along the output's last axis (``_row_scales``).
 TILED_SCALE_BYTES = 512 << 10
 # ReduceSum takes its axes as an input from opset 13 on, as an attribute before.
@@ -82,15 +85,23 @@ def uses_gather(spec: ConvSpec) -> bool:
     """The gather form, where it pays. Measured (1 thread): shift-add wins below 32 channels
     and for 3x3 stride 1 below 128 channels (64 @56x56: 4.8x vs 6.4x); gather wins with a
     stride (128 @56x56 s2: 3.7x vs 6.0x), 5x5 kernels (48 @80x80: 9.9x vs 11.9x) and many
-    channels (256 @14x14: 4.3x vs 6.8x). Over ``MAX_SLICE_TAPS`` taps, static sizes always
-    take it (shift-add emits nodes per tap)."""
+    channels (256 @14x14: 4.3x vs 6.8x). Since shift-add runs per run of rows, channels-last,
+    it wins back 3x3 kernels over large maps (at least ``SHIFT_ADD_OUTPUT_BYTES`` of output,
+    whole models at 1 thread: PP-OCRv4 det 1.73x -> 1.68x, rec and cls within noise). Over
+    ``MAX_SLICE_TAPS`` taps, static sizes always take it (shift-add emits nodes per tap)."""
     if not spec.is_static:
         return False
     if spec.taps > MAX_SLICE_TAPS:
         return True
     if spec.in_channels < 32:
         return False
+    if spec.taps <= 9 and _output_elements(spec) * 4 >= SHIFT_ADD_OUTPUT_BYTES:
+        return False
     return spec.in_channels >= 128 or spec.taps > 9 or any(s > 1 for s in spec.strides)
+
+
+def _output_elements(spec: ConvSpec) -> int:
+    return spec.out_channels * math.prod(int(o) for o in spec.output_spatial())
 
 
 def chunks(spec: ConvSpec, itemsize: int) -> range:
