@@ -202,14 +202,13 @@ def _check_weight_layout(model: onnx.ModelProto, w: np.ndarray, case: Case,
                          lowering: str) -> None:
     """FC form: B of the MatMul is ``[K, M]`` (group 1) or ``[g, K/g, M/g]``, conv dtype.
     Depthwise convs have no GEMM: their per-tap scales hold the weight's numbers (shift-add
-    may repeat them along the output's last axis, ``[W, C]``)."""
+    may repeat them along the output's last axis, ``[W, C]`` or ``[W, taps, C]``)."""
     inits = {t.name: t for t in model.graph.initializer}
     if lowering == "depthwise":
         assert "MatMul" not in {n.op_type for n in model.graph.node}
         names = {n.input[1] for n in model.graph.node if n.op_type == "Mul"}
         scales = [onnx.numpy_helper.to_array(inits[name]) for name in sorted(names)]
-        scales = [_unrepeated(s) if "/scale_" in name else s
-                  for name, s in zip(sorted(names), scales)]
+        scales = [_unrepeated(s) for s in scales]
         values = np.concatenate([s.ravel() for s in scales if s.dtype == w.dtype])
         np.testing.assert_array_equal(np.sort(values), np.sort(w, axis=None))
         return
