@@ -135,6 +135,17 @@ def check_rewritten(original: onnx.ModelProto, rewritten: onnx.ModelProto, repor
             assert "/convfc/" in n.name, f"new node {n.name!r} is not named <conv>/convfc/.."
     for conv in convs:  # the original weights are gone once no node reads them
         assert conv.input[1] not in inits
+    read = {name for graph in _graphs(rewritten.graph) for n in graph.node for name in n.input}
+    added = set(inits) - {t.name for t in original.graph.initializer}
+    assert added <= read, f"constants no node reads: {sorted(added - read)[:5]}"
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                yield from _graphs(sub)
 
 
 @pytest.fixture(scope="session")

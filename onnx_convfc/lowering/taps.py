@@ -67,9 +67,7 @@ def tap_slices(spec: ConvSpec, em: Emitter, x: str, first_axis: int,
     axes ``first_axis..``; ends count from the end, so any run-time size works (and so does
     a run of rows of the padded input). ``suffix`` ends the node names."""
     r = spec.rank
-    axes = em.ints("spatial_axes", list(range(first_axis, first_axis + r)))
-    steps = em.ints("strides", spec.strides)
-    pieces = []
+    pieces, axes, steps = [], None, None
     for offset in itertools.product(*(range(k) for k in spec.kernel)):
         starts = [o * d for o, d in zip(offset, spec.dilations)]
         ends = [b - e if e > b else INT64_MAX for b, e in zip(starts, spec.extents)]
@@ -78,6 +76,9 @@ def tap_slices(spec: ConvSpec, em: Emitter, x: str, first_axis: int,
             pieces.append(x)
             continue
         tag = "x".join(str(o) for o in offset)
+        if axes is None:  # emitted only when a Slice reads them
+            axes = em.ints("spatial_axes", list(range(first_axis, first_axis + r)))
+            steps = em.ints("strides", spec.strides)
         pieces.append(em.op("Slice", [x, em.ints(f"starts_{tag}", starts),
                                       em.ints(f"ends_{tag}", ends), axes, steps],
                              f"tap_{tag}{suffix}"))
