@@ -87,15 +87,36 @@ def emit_patch_gemm(spec: ConvSpec, weight: Operand, bias: Operand | None,
                           None if bias is None else ops.name(bias, "bias"))
             return
     rows = patch_rows(spec, em)
-    if g > 1 and em.options.split_groups and not is_runtime(matrix):
+    if g == 1:
+        y = _gemm(spec, em, rows.rows, ops.name(matrix, "weight"),
+                  None if bias is None else ops.name(bias, "bias"), spec.output_spatial())
+        to_channels_first(spec, em, y, rows)
+        return
+    if em.options.split_groups and not is_runtime(matrix):
         y = _matmul_per_group(em, rows.rows, matrix)
     else:
         y = em.op("MatMul", [rows.rows, ops.name(matrix, "weight")])
     if bias is not None:
-        if g > 1:
-            bias = ops.reshape(bias, (g, 1, spec.out_per_group), "bias_per_group")
+        bias = ops.reshape(bias, (g, 1, spec.out_per_group), "bias_per_group")
         y = em.op("Add", [y, ops.name(bias, "bias")], "AddBias")
     to_channels_first(spec, em, y, rows)
+
+
+def _gemm(spec: ConvSpec, em: Emitter, rows: str, weight: str, bias: str | None,
+          grid: tuple[int | None, ...], suffix: str = "") -> str:
+    """``rows [N, grid..., K] @ weight + bias``, group 1. With a bias and a static ``grid``,
+    as a 2-D MatMul + Add between Reshapes: onnxruntime fuses those into one Gemm whatever
+    the batch, where it fuses the N-D form only when every dim is static (PP-OCRv4 det,
+    whose sizes are symbolic, kept 7 ms of bias Adds a run)."""
+    if bias is None or None in grid or not all(grid):
+        y = em.op("MatMul", [rows, weight], f"MatMul{suffix}")
+        return y if bias is None else em.op("Add", [y, bias], f"AddBias{suffix}")
+    k, m = spec.taps * spec.in_channels, spec.out_channels
+    flat = em.op("Reshape", [rows, em.ints("gemm_rows_shape", [-1, k])], f"gemm_rows{suffix}")
+    y = em.op("Add", [em.op("MatMul", [flat, weight], f"MatMul{suffix}"), bias],
+              f"AddBias{suffix}")
+    shape = em.ints(f"gemm_out_shape_{grid[0]}", [-1, *map(int, grid), m])
+    return em.op("Reshape", [y, shape], f"gemm_out{suffix}")
 
 
 def patch_rows(spec: ConvSpec, em: Emitter, pad_value: str | None = None) -> PatchRows:
@@ -187,7 +208,7 @@ def gemm_chunks(spec: ConvSpec, itemsize: int) -> range:
 def _chunked_gemm(spec: ConvSpec, em: Emitter, chunks: list[tuple[int, int]], weight: str,
                   bias: str | None) -> None:
     """Group 1, static: per run of output rows a Gather of its patches, the MatMul and the
-    bias Add (which onnxruntime fuses into one Gemm), then Concat of the runs."""
+    bias Add (``_gemm``), then Concat of the runs."""
     k = spec.taps * spec.in_channels
     x, _ = _pixel_rows(spec, em, None)
     first, *rest = index_parts(spec)
@@ -200,8 +221,7 @@ def _chunked_gemm(spec: ConvSpec, em: Emitter, chunks: list[tuple[int, int]], we
         rows = em.op("Reshape", [patches, em.ints(f"rows_shape_{stop - start}",
                                                   [0, stop - start, *out[1:], k])],
                      f"patch_rows_{i}")
-        y = em.op("MatMul", [rows, weight], f"MatMul_{i}")
-        pieces.append(y if bias is None else em.op("Add", [y, bias], f"AddBias_{i}"))
+        pieces.append(_gemm(spec, em, rows, weight, bias, (stop - start, *out[1:]), f"_{i}"))
     y = em.op("Concat", pieces, "positions", axis=1)
     to_channels_first(spec, em, y, PatchRows(y, y))
 
