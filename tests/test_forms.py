@@ -297,3 +297,32 @@ def test_conv_integer_gathers_rows_padded_with_the_zero_point():
     ops = {n.op_type for n in rewritten.graph.node}
     assert {"Gather", "MatMulInteger"} <= ops and "ConvInteger" not in ops
     np.testing.assert_array_equal(run_node(rewritten, {"X": x})[0], run_node(model, {"X": x})[0])
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path) -> list[str]:
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_bias_add_fuses_into_gemm_with_a_symbolic_batch(pinned, tmp_path, close):
+    """A 2-D MatMul + Add, which onnxruntime fuses into Gemm; with sizes static only through
+    --input-shape the form still serves other sizes and an empty batch (the result's shape
+    is read at run time)."""
+    rng = np.random.default_rng(5)
+    w, b = random_conv(rng, 16, 8, (1, 1), 1, True, np.float32)
+    dims = ["N", 16, "H", "W"] if pinned else ["N", 16, 64, 64]
+    model = conv_model((1, 16, 64, 64), w, b, dims=dims)
+    shapes = [("X", (1, 16, 64, 64))] if pinned else []
+    rewritten, _ = rewrite_model(model, input_shapes=shapes)
+    assert ("Shape" in {n.op_type for n in rewritten.graph.node}) == pinned
+    ops = _optimized_ops(rewritten, tmp_path)
+    assert "Gemm" in ops and "Add" not in ops and "MatMul" not in ops, ops
+    sizes = [(1, 16, 64, 64), (0, 16, 64, 64)] + ([(2, 16, 30, 20)] if pinned else [])
+    for shape in sizes:
+        x = rng.standard_normal(shape).astype(np.float32)
+        close(session(rewritten).run(None, {"X": x})[0], session(model).run(None, {"X": x})[0],
+              1e-4, f"input {shape}")

@@ -31,6 +31,7 @@ layout is then built by nodes in the graph (``operands.patch_matrix``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,12 @@ from .taps import (
 # Below this many channels per group a C-row is too short for a Gather or channels-last
 # Slices to copy well; channels-first Slices win (measured: C=8 and C=3 stems).
 SHORT_ROW_CHANNELS = 16
+# Reshape reads a 0 in its shape as "copy this dim" unless allowzero=1 (opset 14 on): a
+# run-time shape holding an empty batch needs it.
+ALLOW_ZERO_OPSET = 14
+# Output from which a pinned-size GEMM reads its shape at run time to get its bias fused:
+# three small nodes (~5 us) against an Add pass over the output (~10 us per 100 KB).
+RUNTIME_SHAPE_BYTES = 64 << 10
 # Patches per Gather + MatMul when a group 1 patch matrix is larger. Measured (1 thread /
 # 2 threads): 3x3 96->24 @160x160 1.42x the Conv in 1 MiB chunks, 1.38x in 4 MiB, 2.07x
 # unchunked; 128->32 @56x56 1.35x (1 MiB) vs 1.83x; PP-OCRv4 det 1.89x / 2.38x in 1 MiB
@@ -88,8 +95,11 @@ def emit_patch_gemm(spec: ConvSpec, weight: Operand, bias: Operand | None,
             return
     rows = patch_rows(spec, em)
     if g == 1:
+        # --input-shape makes sizes static for the rewrite only: a form that works at any
+        # size (Slices) keeps doing so, reading its output grid at run time
+        pinned = bool(em.options.input_shapes) and not uses_gather(spec)
         y = _gemm(spec, em, rows.rows, ops.name(matrix, "weight"),
-                  None if bias is None else ops.name(bias, "bias"), spec.output_spatial())
+                  None if bias is None else ops.name(bias, "bias"), pinned=pinned)
         to_channels_first(spec, em, y, rows)
         return
     if em.options.split_groups and not is_runtime(matrix):
@@ -103,20 +113,36 @@ def emit_patch_gemm(spec: ConvSpec, weight: Operand, bias: Operand | None,
 
 
 def _gemm(spec: ConvSpec, em: Emitter, rows: str, weight: str, bias: str | None,
-          grid: tuple[int | None, ...], suffix: str = "") -> str:
-    """``rows [N, grid..., K] @ weight + bias``, group 1. With a bias and a static ``grid``,
-    as a 2-D MatMul + Add between Reshapes: onnxruntime fuses those into one Gemm whatever
-    the batch, where it fuses the N-D form only when every dim is static (PP-OCRv4 det,
-    whose sizes are symbolic, kept 7 ms of bias Adds a run)."""
-    if bias is None or None in grid or not all(grid):
+          grid: tuple[int | None, ...] | None = None, suffix: str = "",
+          pinned: bool = False) -> str:
+    """``rows [N, grid..., K] @ weight + bias``, group 1 (``grid``: the conv's output grid
+    unless given).
+
+    With a bias and a static grid, as a 2-D MatMul + Add between Reshapes: onnxruntime
+    fuses those into one Gemm whatever the batch, where it fuses the N-D form only when every
+    dim is static (PP-OCRv4 det, whose sizes are symbolic, kept 7 ms of bias Adds a run).
+    ``pinned``: the grid is static only through ``--input-shape`` and the patches work at any
+    size, so the result's shape is read from ``rows`` at run time, which costs three small
+    nodes: only over ``RUNTIME_SHAPE_BYTES`` of output."""
+    grid = spec.output_spatial() if grid is None else grid
+    m = spec.out_channels
+    static = None not in grid and all(grid)
+    fused = bias is not None and static and (not pinned or (
+        (em.opset or 0) >= ALLOW_ZERO_OPSET
+        and math.prod(grid) * m * 4 >= RUNTIME_SHAPE_BYTES))
+    if not fused:
         y = em.op("MatMul", [rows, weight], f"MatMul{suffix}")
         return y if bias is None else em.op("Add", [y, bias], f"AddBias{suffix}")
-    k, m = spec.taps * spec.in_channels, spec.out_channels
+    k = spec.taps * spec.in_channels
     flat = em.op("Reshape", [rows, em.ints("gemm_rows_shape", [-1, k])], f"gemm_rows{suffix}")
     y = em.op("Add", [em.op("MatMul", [flat, weight], f"MatMul{suffix}"), bias],
               f"AddBias{suffix}")
-    shape = em.ints(f"gemm_out_shape_{grid[0]}", [-1, *map(int, grid), m])
-    return em.op("Reshape", [y, shape], f"gemm_out{suffix}")
+    if not pinned:
+        shape = em.ints(f"gemm_out_shape_{grid[0]}", [-1, *map(int, grid), m])
+        return em.op("Reshape", [y, shape], f"gemm_out{suffix}")
+    shape = em.op("Concat", [runtime_dims(em, rows, 0, 1 + spec.rank),
+                             em.ints("out_channels", [m])], "gemm_out_shape", axis=0)
+    return em.op("Reshape", [y, shape], f"gemm_out{suffix}", allowzero=1)
 
 
 def patch_rows(spec: ConvSpec, em: Emitter, pad_value: str | None = None) -> PatchRows:
@@ -221,7 +247,8 @@ def _chunked_gemm(spec: ConvSpec, em: Emitter, chunks: list[tuple[int, int]], we
         rows = em.op("Reshape", [patches, em.ints(f"rows_shape_{stop - start}",
                                                   [0, stop - start, *out[1:], k])],
                      f"patch_rows_{i}")
-        pieces.append(_gemm(spec, em, rows, weight, bias, (stop - start, *out[1:]), f"_{i}"))
+        pieces.append(_gemm(spec, em, rows, weight, bias, (stop - start, *out[1:]),
+                            f"_{i}"))
     y = em.op("Concat", pieces, "positions", axis=1)
     to_channels_first(spec, em, y, PatchRows(y, y))
 
