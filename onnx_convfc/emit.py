@@ -19,6 +19,8 @@ from .skeleton import write_array
 
 # Elements hashed per constant to find identical ones; smaller constants hash every element.
 SAMPLE_ELEMENTS = 4096
+# Samples up to this many bytes are keys themselves: hashing them costs more than comparing.
+INLINE_KEY_BYTES = 64
 
 
 class NameScope:
@@ -55,10 +57,7 @@ class ConstantPool:
     def add(self, wanted: str, array: np.ndarray) -> str:
         array = np.asarray(array)  # a transposed view stays one: it is copied once, when written
         step = max(1, array.size // SAMPLE_ELEMENTS)
-        sample = array.flat[::step]  # copies the sample only
-        key = (array.dtype.str, array.shape,
-               hashlib.blake2b(sample.tobytes(), digest_size=16).digest())
-        stored = self._by_key.setdefault(key, [])
+        stored = self._by_key.setdefault((array.dtype.str, array.shape, _digest(array, step)), [])
         for name, tensor in stored:
             if step == 1 or _same_bytes(numpy_helper.to_array(tensor), array):
                 return name
@@ -74,6 +73,14 @@ class ConstantPool:
             tensor = node.attribute[0].t
         stored.append((name, tensor))
         return name
+
+
+def _digest(array: np.ndarray, step: int) -> bytes:
+    """The bytes of every ``step``-th element (C order), hashed unless they are few."""
+    flat = array.reshape(-1) if array.flags.c_contiguous else array.flat  # flat: a copy
+    sample = flat[::step].tobytes()
+    return sample if len(sample) <= INLINE_KEY_BYTES else \
+        hashlib.blake2b(sample, digest_size=16).digest()
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:

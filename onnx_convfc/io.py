@@ -23,7 +23,7 @@ from pathlib import Path, PureWindowsPath
 import onnx
 from onnx import GraphProto, ModelProto, TensorProto, helper
 
-from .graphs import graphs, subgraphs
+from .graphs import STANDARD_DOMAINS, TENSOR_OPS, graphs, subgraphs
 from .serialize import ExternalLayout, TooLarge, model_chunks
 from .skeleton import DATA_FIELDS, data_nbytes, weightless_copy
 
@@ -64,8 +64,8 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         raise InputError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
     if not model.HasField("graph") or not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes)")
-    check_structure(model, str(path))
     external = [t for t in _all_tensors(model) if t.data_location == TensorProto.EXTERNAL]
+    _check_structure(model, str(path), external=bool(external))
     for tensor in external:
         _load_external(tensor, path)
     return LoadedModel(model, path, bool(external))
@@ -164,6 +164,12 @@ def check_structure(model: ModelProto, where: str = "model") -> None:
     Raises:
         InputError: with the checker's message, or one worded like it, on one line.
     """
+    external = any(t.data_location == TensorProto.EXTERNAL for t in _all_tensors(model))
+    _check_structure(model, where, external)
+
+
+def _check_structure(model: ModelProto, where: str, external: bool) -> None:
+    """``check_structure``, told whether ``model`` has external tensors to hide."""
     copy, store = weightless_copy(model)
     for placeholder, data in store.placeholders(copy.graph):
         _check_data(data, where)
@@ -172,7 +178,7 @@ def check_structure(model: ModelProto, where: str = "model") -> None:
         for value in (*graph.input, *graph.output):
             if value.type.HasField("tensor_type"):
                 value.type.tensor_type.shape.SetInParent()
-    for tensor in _all_tensors(copy):
+    for tensor in _all_tensors(copy) if external else ():
         if tensor.data_location == TensorProto.EXTERNAL:
             tensor.ClearField("data_location")
             del tensor.external_data[:]
@@ -270,6 +276,7 @@ def _write_atomically(path: Path, folder: Path, chunks: Iterable[bytes],
                 os.fchmod(f.fileno(), _mode_for(target))
                 for part in parts:
                     f.write(part)
+                    del part  # a tensor's bytes go before the next tensor's are copied
                 f.flush()
                 os.fsync(f.fileno())
         with _interrupts_held():
@@ -359,7 +366,8 @@ def _sync_folder(folder: Path) -> None:
 
 
 def _all_tensors(model: ModelProto) -> Iterator[TensorProto]:
-    """Every tensor that may hold data: initializers and tensor attributes, at any depth."""
+    """Every tensor that may hold data: initializers and tensor attributes, at any depth
+    (``graphs.TENSOR_OPS`` says which nodes of the standard domain may have the latter)."""
     holders = [*graphs(model.graph)]
     for function in model.functions:
         holders.append(function)
@@ -370,6 +378,8 @@ def _all_tensors(model: ModelProto) -> Iterator[TensorProto]:
             for sparse in holder.sparse_initializer:
                 yield from (sparse.values, sparse.indices)
         for node in holder.node:
+            if node.op_type not in TENSOR_OPS and node.domain in STANDARD_DOMAINS:
+                continue
             for attr in node.attribute:
                 if attr.HasField("t"):
                     yield attr.t

@@ -10,9 +10,10 @@ swapped in place, so the topological order of the graph is kept.
 from __future__ import annotations
 
 import time
-from collections import ChainMap, Counter
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from itertools import chain
 
 import numpy as np
 from onnx import FunctionProto, GraphProto, ModelProto, NodeProto
@@ -22,7 +23,15 @@ from .budget import charge, estimate
 from .conv import SpecError
 from .emit import ConstantPool, Emitter, NameScope
 from .families import FAMILIES, Family
-from .graphs import STANDARD_DOMAINS, bodies, constant_array, constants, graphs, inferred_shapes
+from .graphs import (
+    STANDARD_DOMAINS,
+    bodies,
+    constant_array,
+    constants,
+    graphs,
+    inferred_shapes,
+    visible,
+)
 from .lowering.operands import Operand, Runtime, is_runtime, shape_of
 from .objective import LatencyObjective
 from .options import RewriteOptions
@@ -58,7 +67,8 @@ def rewrite(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, Rep
     model = prepared.model
     report.notes.extend(prepared.notes)
     names, readers = _names_and_readers(model)
-    shapes = inferred_shapes(model, options.input_shapes, weightless=True)
+    shapes = inferred_shapes(model, options.input_shapes, weightless=True,
+                             names=_conv_inputs(model))
     ctx = _Context(options, shapes, NameScope(names), report, prepared.store, readers,
                    opset=default_opset(model),
                    objective=LatencyObjective(options) if options.objective == "latency"
@@ -78,7 +88,7 @@ def rewrite(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, Rep
 def _rewrite_graph(graph: GraphProto, scope: str, outer: Mapping, ctx: _Context,
                    store: TensorStore | None = None) -> None:
     """``store``: where the data of ``graph``'s placeholders is (the main graph's)."""
-    consts = ChainMap(constants(graph, store), outer)
+    consts = visible(constants(graph, store), outer)
     pool = ConstantPool(ctx.names, graph)
     bns = _BatchNorms.of(graph.node, ctx.options)
     new_nodes = []
@@ -267,6 +277,13 @@ def _operands(node: NodeProto, family: Family, consts: Mapping,
     return found
 
 
+def _conv_inputs(model: ModelProto) -> set[str]:
+    """The tensors the conv-family nodes read, at any depth: the shapes a rewrite asks for."""
+    nested = [n for g in graphs(model.graph) for n in g.node]
+    nodes = nested + [n for f in model.functions for n in f.node]
+    return set(chain.from_iterable(n.input for n in nodes if n.op_type in FAMILIES))
+
+
 def _names_and_readers(model: ModelProto) -> tuple[set[str], Counter]:
     """Every name in the model, and how many nodes and graph outputs read each tensor."""
     names: set[str] = set()
@@ -277,10 +294,9 @@ def _names_and_readers(model: ModelProto) -> tuple[set[str], Counter]:
         names.update(v.name for v in (*graph.input, *graph.value_info))
         readers.update(v.name for v in graph.output)
     nodes = [n for g in nested for n in g.node] + [n for f in model.functions for n in f.node]
-    for graph_node in nodes:
-        names.add(graph_node.name)
-        readers.update(graph_node.input)
-        names.update(graph_node.output)
+    names.update(n.name for n in nodes)
+    names.update(chain.from_iterable(n.output for n in nodes))
+    readers.update(chain.from_iterable(n.input for n in nodes))  # one call: it costs per call
     for function in model.functions:
         readers.update(function.output)
     names.update(readers)

@@ -6,14 +6,17 @@ initializers is serialised first, then the nodes and the initializers in ``graph
 their own: protobuf merges repeated occurrences of a message field, so a reader (onnx,
 onnxruntime) gets one graph holding every node and initializer, in order. A ``Constant`` node
 holding a large tensor, and each initializer, get a field each; a large tensor's ``raw_data``
-is written as it is, after the tensor's other fields, instead of being serialised with them.
+is written as it is instead of being serialised with the rest (an initializer's after its
+other fields, a ``Constant``'s in its place, as protobuf would write the node).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
-from onnx import GraphProto, ModelProto, TensorProto
+from google.protobuf.message import Message
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto
 
 from .graphs import graphs
 from .skeleton import LARGE_TENSOR_BYTES, copy_fields, data_nbytes, large_constant
@@ -23,6 +26,9 @@ INITIALIZER_FIELD = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 NODE_FIELD = GraphProto.DESCRIPTOR.fields_by_name["node"].number
 RAW_DATA_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 LENGTH_DELIMITED = 2
+# Their keys: one byte each, as the field numbers are under 16.
+GRAPH_KEY = bytes((GRAPH_FIELD << 3 | LENGTH_DELIMITED,))
+INITIALIZER_KEY = bytes((INITIALIZER_FIELD << 3 | LENGTH_DELIMITED,))
 
 
 class TooLarge(Exception):
@@ -52,9 +58,10 @@ class ExternalLayout:
                 continue
             padding = -offset % self.align
             yield b"\0" * padding
-            yield raw
             self._places.append((offset + padding, len(raw)))
             offset += padding + len(raw)
+            yield raw
+            del raw  # before the next tensor's data is copied: one copy at a time
 
     def point(self, index: int, tensor: TensorProto) -> bool:
         """Make ``tensor`` (without its data) refer to the data file, if the tensor of this
@@ -92,8 +99,8 @@ def _chunks(model: ModelProto, external: ExternalLayout | None) -> Iterator[byte
     yield head.SerializeToString()
     nested = len(own)  # index of the next nested graph's tensor, as the data file has them
     for run in _node_runs(model.graph.node):
-        if large_constant(run[0]) is not None:  # serialised straight from the model: one copy
-            yield from _framed(GRAPH_FIELD, _framed(NODE_FIELD, [run[0].SerializeToString()]))
+        if large_constant(run[0]) is not None:
+            yield from _framed(GRAPH_FIELD, _framed(NODE_FIELD, _large_constant_parts(run[0])))
             continue
         piece = GraphProto()
         piece.node.extend(run)
@@ -103,18 +110,19 @@ def _chunks(model: ModelProto, external: ExternalLayout | None) -> Iterator[byte
                 nested += 1
         yield from _framed(GRAPH_FIELD, [piece.SerializeToString()])
     for k, tensor in enumerate(own):
-        if external is not None and _may_be_large(tensor, external.min_bytes):
+        size = _raw_size(tensor)
+        if external is not None and size >= external.min_bytes:
             meta = _without_raw_data(tensor)
             if external.point(k, meta):
-                yield from _framed(GRAPH_FIELD, _framed(INITIALIZER_FIELD,
-                                                        [meta.SerializeToString()]))
+                yield _initializer_field(meta.SerializeToString())
                 continue
-        if _may_be_large(tensor, LARGE_TENSOR_BYTES):
-            parts = [_without_raw_data(tensor).SerializeToString(),
-                     *_framed(RAW_DATA_FIELD, [tensor.raw_data])]
-        else:
-            parts = [tensor.SerializeToString()]
+        if size < LARGE_TENSOR_BYTES:  # most initializers: one piece, one write
+            yield _initializer_field(tensor.SerializeToString())
+            continue
+        parts = [_without_raw_data(tensor).SerializeToString(),
+                 *_framed(RAW_DATA_FIELD, [tensor.raw_data])]
         yield from _framed(GRAPH_FIELD, _framed(INITIALIZER_FIELD, parts))
+        del parts  # before the next tensor's data is copied: one copy at a time
 
 
 def _node_runs(nodes) -> Iterator[list]:
@@ -133,11 +141,48 @@ def _node_runs(nodes) -> Iterator[list]:
         yield run
 
 
+def _large_constant_parts(node: NodeProto) -> list[bytes]:
+    """A ``Constant`` node holding a large tensor, bytes as its own serialisation has them,
+    the tensor's ``raw_data`` written as it is: serialising the node whole took three times
+    its size (protobuf's encode buffer grows by doubling, then is copied out)."""
+    attr = node.attribute[0]
+    tensor = attr.t
+    if not tensor.HasField("raw_data"):
+        return [node.SerializeToString()]
+    data = _around(tensor, "raw_data", [tensor.raw_data])
+    return _around(node, "attribute", _around(attr, "t", data))
+
+
+def _around(message: Message, name: str, value: list[bytes]) -> list[bytes]:
+    """``message`` serialised with its length-delimited field ``name`` (set once, its encoded
+    value in ``value``) in its place: protobuf writes fields in the order of their numbers."""
+    fields = message.DESCRIPTOR.fields
+    number = message.DESCRIPTOR.fields_by_name[name].number
+    before, after = type(message)(), type(message)()
+    copy_fields(message, before, skip={fd.name for fd in fields if fd.number >= number})
+    copy_fields(message, after, skip={fd.name for fd in fields if fd.number <= number})
+    return [before.SerializeToString(), *_framed(number, value), after.SerializeToString()]
+
+
 def _may_be_large(tensor: TensorProto, min_bytes: int) -> bool:
     """Whether the tensor has ``raw_data`` that may reach ``min_bytes`` (by its type and dims,
     without reading it)."""
+    return _raw_size(tensor) >= min_bytes
+
+
+def _raw_size(tensor: TensorProto) -> float:
+    """Bytes of the tensor's ``raw_data`` by its type and dims (without reading it): -1
+    without ``raw_data``, infinite where its type does not tell."""
+    if not tensor.HasField("raw_data"):
+        return -1
     nbytes = data_nbytes(tensor)
-    return tensor.HasField("raw_data") and (nbytes is None or nbytes >= min_bytes)
+    return math.inf if nbytes is None else nbytes
+
+
+def _initializer_field(tensor: bytes) -> bytes:
+    """A serialised initializer as a ``graph`` field of its own, in one piece."""
+    inner = INITIALIZER_KEY + _varint(len(tensor))
+    return GRAPH_KEY + _varint(len(inner) + len(tensor)) + inner + tensor
 
 
 def _without_raw_data(tensor: TensorProto) -> TensorProto:
@@ -153,6 +198,8 @@ def _framed(field: int, parts: list[bytes]) -> list[bytes]:
 
 
 def _varint(value: int) -> bytes:
+    if value <= 0x7F:
+        return bytes((value,))
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)

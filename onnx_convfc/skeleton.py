@@ -18,6 +18,7 @@ better never copied into the result.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Collection, Iterator
@@ -42,13 +43,18 @@ Constant = Union[TensorProto, np.ndarray]
 def data_nbytes(tensor: TensorProto) -> int | None:
     """Bytes of the tensor's data by its type and dims (without reading it), or ``None``
     where they cannot be told (strings, packed types, unknown types)."""
-    if tensor.data_type in PACKED_TYPES or tensor.data_type == TensorProto.STRING:
+    itemsize = _itemsize(tensor.data_type)
+    return None if itemsize is None else math.prod(tensor.dims) * itemsize
+
+
+@functools.cache
+def _itemsize(data_type: int) -> int | None:
+    if data_type in PACKED_TYPES or data_type == TensorProto.STRING:
         return None
     try:
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        return helper.tensor_dtype_to_np_dtype(data_type).itemsize
     except (KeyError, ValueError, TypeError):
         return None
-    return math.prod(tensor.dims) * itemsize
 
 
 def copy_fields(src: Message, dst: Message, skip: Collection[str] = ()) -> None:
@@ -56,18 +62,27 @@ def copy_fields(src: Message, dst: Message, skip: Collection[str] = ()) -> None:
 
     A skipped field is not even read: reading a bytes field (``raw_data``) copies it.
     """
-    for fd in src.DESCRIPTOR.fields:
-        if fd.name in skip:
+    for name, repeated in _fields(type(src)):
+        if name in skip:
             continue
-        value = getattr(src, fd.name)
-        if hasattr(value, "extend"):  # repeated
-            if len(value):
-                getattr(dst, fd.name).extend(value)
-        elif src.HasField(fd.name):
+        if repeated:
+            values = getattr(src, name)
+            if values:
+                getattr(dst, name).extend(values)
+        elif src.HasField(name):
+            value = getattr(src, name)
             if isinstance(value, Message):
-                getattr(dst, fd.name).CopyFrom(value)
+                getattr(dst, name).CopyFrom(value)
             else:
-                setattr(dst, fd.name, value)
+                setattr(dst, name, value)
+
+
+@functools.cache
+def _fields(message_type: type) -> tuple[tuple[str, bool], ...]:
+    """(name, whether repeated) of each field of a message type."""
+    empty = message_type()
+    return tuple((fd.name, hasattr(getattr(empty, fd.name), "extend"))
+                 for fd in message_type.DESCRIPTOR.fields)
 
 
 def write_array(tensor: TensorProto, array: np.ndarray, name: str) -> None:
@@ -145,12 +160,16 @@ def weightless_copy(model: ModelProto) -> tuple[ModelProto, TensorStore]:
         return copy, store
     graph = model.graph
     copy_fields(graph, copy.graph, skip=("initializer", "node"))
+    small: list[TensorProto] = []  # copied a run at a time: one call, not one per tensor
     for tensor in graph.initializer:
         if _is_large(tensor):
+            copy.graph.initializer.extend(small)
+            small.clear()
             copy_fields(tensor, copy.graph.initializer.add(), skip=DATA_FIELDS)
             store.keep(tensor.name, tensor)
         else:
-            copy.graph.initializer.add().CopyFrom(tensor)
+            small.append(tensor)
+    copy.graph.initializer.extend(small)
     done = 0
     for k, node in enumerate(graph.node):
         value = large_constant(node)
