@@ -92,8 +92,8 @@ def _depthwise(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
     form's index parts."""
     weight = spec.out_channels * spec.taps * itemsize
     gather = depthwise.uses_gather(spec)
-    chunks = len(depthwise.chunks(spec, itemsize) if gather
-                 else depthwise.shift_add_chunks(spec, itemsize))
+    chunks = depthwise.chunk_count(spec, itemsize) if gather \
+        else len(depthwise.shift_add_chunks(spec, itemsize))
     indices = (sum(spec.output_spatial()) + spec.taps) * INDEX_BYTES if gather else 0
     nodes = 3 * spec.taps * chunks + FIXED_NODES
     return weight + spec.out_channels * itemsize + nodes * NODE_BYTES + indices

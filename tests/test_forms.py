@@ -97,6 +97,11 @@ CASES = [
          dict(group=32, strides=[2, 2], pads=[1, 1, 1, 1])),
     Case("dw-c32-5x5-chunks", "dw_gather", 32, 32, (5, 5), (24, 24),
          dict(group=32, pads=[2, 2, 2, 2])),
+    # one output row of patches over 1 MiB (depthwise.CHUNK_BYTES): runs of columns
+    Case("dw-c200-5x5-wide-rows", "dw_gather", 200, 200, (5, 5), (2, 96),
+         dict(group=200, pads=[2, 2, 2, 2])),
+    Case("dw-c64-x2-5x5-wide-rows-dyn-batch", "dw_gather", 64, 128, (5, 5), (3, 200),
+         dict(group=64, pads=[2, 1, 2, 1]), mode="dyn_batch", bias=False),
     Case("dw-c32-x2-5x5-dyn-batch", "dw_gather", 32, 64, (5, 5), (11, 10),
          dict(group=32, pads=[2, 1, 2, 1]), mode="dyn_batch", bias=False),
     Case("dw-c128-opset11", "dw_gather", 128, 128, (3, 3), (6, 6),
@@ -273,6 +278,20 @@ def test_im2col_gathers_and_multiplies_per_chunk_of_rows():
     rows = sorted(int(numpy_helper.to_array(inits[n.input[1]])[1])
                   for n in rewritten.graph.node if "/patch_rows_" in n.name)
     assert rows == [8, 56]
+
+
+def test_depthwise_gather_splits_wide_rows_into_runs_of_columns():
+    """2x96 outputs of 25 taps x 200 channels: 1.9 MB of patches a row, so each row is
+    gathered in runs of 52 and 44 columns, concatenated per row, then the rows."""
+    (case,) = [c for c in CASES if c.id == "dw-c200-5x5-wide-rows"]
+    rewritten, _ = rewrite_model(_model(case))
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count("Gather") == 4 and ops.count("Concat") == 3
+    inits = {t.name: t for t in rewritten.graph.initializer}
+    widths = sorted(int(inits[i].dims[1]) for n in rewritten.graph.node if n.op_type == "Add"
+                    for i in n.input if i in inits and len(inits[i].dims) == 3
+                    and inits[i].dims[1] > 1)
+    assert widths == [44, 44, 52, 52]
 
 
 def test_depthwise_keeps_per_group_matmuls_with_split_groups():

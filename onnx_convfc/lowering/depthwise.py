@@ -104,9 +104,21 @@ def _output_elements(spec: ConvSpec) -> int:
     return spec.out_channels * math.prod(int(o) for o in spec.output_spatial())
 
 
-def chunks(spec: ConvSpec, itemsize: int) -> range:
-    """Starts of the runs of output rows per Gather (``taps.row_chunks``)."""
-    return row_chunks(spec, spec.taps * spec.out_channels * itemsize, CHUNK_BYTES)
+def chunks(spec: ConvSpec, itemsize: int) -> tuple[range, int]:
+    """Starts of the runs of output rows per Gather (``taps.row_chunks``), and 0; or, when one
+    output row of patches is over ``CHUNK_BYTES`` (wide maps, many channels), every row and
+    the number of output columns per Gather."""
+    per_position = spec.taps * spec.out_channels * itemsize
+    out = [int(o) for o in spec.output_spatial()]
+    if spec.rank == 1 or math.prod(out[1:]) * per_position <= CHUNK_BYTES:
+        return row_chunks(spec, per_position, CHUNK_BYTES), 0
+    columns = max(1, CHUNK_BYTES // (math.prod(out[2:]) * per_position))
+    return range(out[0]), columns
+
+
+def chunk_count(spec: ConvSpec, itemsize: int) -> int:
+    rows, columns = chunks(spec, itemsize)
+    return len(rows) * (-(-int(spec.output_spatial()[1]) // columns) if columns else 1)
 
 
 def _tap_scales(spec: ConvSpec, weight: np.ndarray) -> np.ndarray:
@@ -127,20 +139,30 @@ def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
     x = em.op("Reshape", [x, em.ints("pixels_shape", [0, pixels, c, *unit])], "flatten_pixels")
     scales = _tap_scales(spec, weight)
     scales = scales if mult > 1 else scales[:, :, 0]
+    rows, columns = chunks(spec, weight.dtype.itemsize)
     width = int(spec.output_spatial()[-1])
-    if scales.size * width * scales.itemsize <= TILED_SCALE_BYTES:  # [W, taps, C(, mult)]:
-        # long broadcast runs, as in _row_scales (whole models: det 1.82x -> 1.70x, with both)
+    if not columns and scales.size * width * scales.itemsize <= TILED_SCALE_BYTES:
+        # [W, taps, C(, mult)]: long broadcast runs, as in _row_scales (whole models: det
+        # 1.82x -> 1.70x, with both)
         scales = np.ascontiguousarray(np.repeat(scales[None], width, axis=0))
     scales = em.const("tap_scales", scales)
-    first, *rest = index_parts(spec)
-    rest = sum_constants(em, rest, "patch_index_rest")
+    parts = index_parts(spec)
     out = [int(o) for o in spec.output_spatial()]
+    rest = sum_constants(em, parts[2 if columns else 1:], "patch_index_rest")
     sums = []
-    for i, (start, stop) in enumerate(runs(chunks(spec, weight.dtype.itemsize))):
-        index = sum_constants(em, [first[start:stop], rest], f"patch_index_{i}")
-        patches = em.op("Gather", [x, index], f"patches_{i}", axis=1)  # [N, o.., taps, C(, 1)]
-        terms = em.op("Mul", [patches, scales], f"scale_{i}")
-        sums.append(_reduce_sum(em, terms, 1 + r, f"sum_taps_{i}"))  # [N, o.., C(, mult)]
+    for i, (start, stop) in enumerate(runs(rows)):
+        lead = [parts[0][start:stop]]
+        column_runs = runs(range(0, out[1], columns)) if columns else [None]
+        pieces = []
+        for j, cols in enumerate(column_runs):
+            tag = f"{i}" if cols is None else f"{i}_{j}"
+            head = lead if cols is None else lead + [parts[1][:, cols[0]:cols[1]]]
+            index = sum_constants(em, [*head, rest], f"patch_index_{tag}")
+            patches = em.op("Gather", [x, index], f"patches_{tag}", axis=1)  # [N, o.., taps, C]
+            terms = em.op("Mul", [patches, scales], f"scale_{tag}")
+            pieces.append(_reduce_sum(em, terms, 1 + r, f"sum_taps_{tag}"))  # [N, o.., C(, m)]
+        sums.append(pieces[0] if len(pieces) == 1 else
+                    em.op("Concat", pieces, f"columns_{i}", axis=2))
     y = sums[0] if len(sums) == 1 else em.op("Concat", sums, "positions", axis=1)
     if mult > 1:
         y = em.op("Reshape", [y, em.ints("out_shape", [0, *out, m])], "merge_multiplier")
