@@ -95,10 +95,10 @@ CASES = [
          dict(group=2, pads=[1, 0, 0, 1]), mode="dyn_all"),
     Case("dw-c32-s2", "dw_gather", 32, 32, (3, 3), (12, 12),
          dict(group=32, strides=[2, 2], pads=[1, 1, 1, 1])),
-    Case("dw-c32-5x5-chunks", "dw_gather", 32, 32, (5, 5), (24, 24),
+    Case("dw-c32-5x5-chunks", "dw_gather", 32, 32, (5, 5), (36, 36),
          dict(group=32, pads=[2, 2, 2, 2])),
-    # one output row of patches over 1 MiB (depthwise.CHUNK_BYTES): runs of columns
-    Case("dw-c200-5x5-wide-rows", "dw_gather", 200, 200, (5, 5), (2, 96),
+    # one output row of patches over 2 MiB (depthwise.CHUNK_BYTES): runs of columns
+    Case("dw-c200-5x5-wide-rows", "dw_gather", 200, 200, (5, 5), (2, 120),
          dict(group=200, pads=[2, 2, 2, 2])),
     Case("dw-c64-x2-5x5-wide-rows-dyn-batch", "dw_gather", 64, 128, (5, 5), (3, 200),
          dict(group=64, pads=[2, 1, 2, 1]), mode="dyn_batch", bias=False),
@@ -115,13 +115,13 @@ CASES = [
          dict(group=8, strides=[2, 1], auto_pad="SAME_UPPER"), mode="dyn_all"),
     Case("dw-c8-5x5-fp16", "dw_shift_add", 8, 8, (5, 5), (10, 10),
          dict(group=8, pads=[2, 2, 2, 2]), dtype=np.float16),
-    # over 512 KiB of output (depthwise.SHIFT_ADD_CHUNK_BYTES): summed per run of rows
-    Case("dw-c16-shift-add-chunks", "dw_shift_add", 16, 16, (3, 3), (96, 96),
+    # over 1 MiB of output (depthwise.SHIFT_ADD_CHUNK_BYTES): summed per run of rows
+    Case("dw-c16-shift-add-chunks", "dw_shift_add", 16, 16, (3, 3), (200, 96),
          dict(group=16, pads=[1, 1, 1, 1])),
-    Case("dw-c8-x2-s2-dil2-shift-add-chunks", "dw_shift_add", 8, 16, (3, 3), (300, 90),
+    Case("dw-c8-x2-s2-dil2-shift-add-chunks", "dw_shift_add", 8, 16, (3, 3), (500, 90),
          dict(group=8, strides=[2, 1], dilations=[2, 1], pads=[1, 0, 2, 1]), bias=False,
          mode="dyn_batch"),
-    Case("dw-c16-shift-add-chunks-fp16", "dw_shift_add", 16, 16, (5, 5), (130, 130),
+    Case("dw-c16-shift-add-chunks-fp16", "dw_shift_add", 16, 16, (5, 5), (300, 130),
          dict(group=16, pads=[2, 2, 2, 2]), dtype=np.float16),
     Case("dw-c4-1x1-no-bias", "dw_shift_add", 4, 4, (1, 1), (5, 5), dict(group=4), bias=False),
     Case("dw-c128-dynamic", "dw_shift_add", 128, 128, (3, 3), (6, 6),
@@ -244,7 +244,8 @@ def test_index_parts_add_up_to_positions_in_the_padded_input():
 
 
 def test_depthwise_gather_works_in_chunks():
-    """5x5 over 24x24 with 32 channels: 75 KiB of patches per output row, so two chunks."""
+    """5x5 over 36x36 with 32 channels: 112.5 KiB of patches per output row, so two chunks of
+    18 rows."""
     (case,) = [c for c in CASES if c.id == "dw-c32-5x5-chunks"]
     rewritten, _ = rewrite_model(_model(case))
     gathers = [n for n in rewritten.graph.node if n.op_type == "Gather"]
@@ -253,7 +254,7 @@ def test_depthwise_gather_works_in_chunks():
 
 
 def test_depthwise_shift_add_sums_per_run_of_rows():
-    """16 channels @96x96: 6 KiB of output per row, so runs of 85 and 11 rows, each a Slice
+    """16 channels @200x96: 6 KiB of output per row, so runs of 170 and 30 rows, each a Slice
     of the padded input's rows and nine taps."""
     (case,) = [c for c in CASES if c.id == "dw-c16-shift-add-chunks"]
     rewritten, _ = rewrite_model(_model(case))
@@ -262,7 +263,7 @@ def test_depthwise_shift_add_sums_per_run_of_rows():
     assert sum("/tap_" in n for n in names) == 2 * 9
     inits = {t.name: numpy_helper.to_array(t) for t in rewritten.graph.initializer}
     ends = sorted(int(inits[n.input[2]][0]) for n in rewritten.graph.node if "/rows_" in n.name)
-    assert ends == [85 + 2, 96 + 2]
+    assert ends == [170 + 2, 200 + 2]
 
 
 def test_im2col_gathers_and_multiplies_per_chunk_of_rows():
@@ -281,8 +282,8 @@ def test_im2col_gathers_and_multiplies_per_chunk_of_rows():
 
 
 def test_depthwise_gather_splits_wide_rows_into_runs_of_columns():
-    """2x96 outputs of 25 taps x 200 channels: 1.9 MB of patches a row, so each row is
-    gathered in runs of 52 and 44 columns, concatenated per row, then the rows."""
+    """2x120 outputs of 25 taps x 200 channels: 2.4 MB of patches a row, so each row is
+    gathered in runs of 104 and 16 columns, concatenated per row, then the rows."""
     (case,) = [c for c in CASES if c.id == "dw-c200-5x5-wide-rows"]
     rewritten, _ = rewrite_model(_model(case))
     ops = [n.op_type for n in rewritten.graph.node]
@@ -291,7 +292,7 @@ def test_depthwise_gather_splits_wide_rows_into_runs_of_columns():
     widths = sorted(int(inits[i].dims[1]) for n in rewritten.graph.node if n.op_type == "Add"
                     for i in n.input if i in inits and len(inits[i].dims) == 3
                     and inits[i].dims[1] > 1)
-    assert widths == [44, 44, 52, 52]
+    assert widths == [16, 16, 104, 104]
 
 
 def test_depthwise_keeps_per_group_matmuls_with_split_groups():

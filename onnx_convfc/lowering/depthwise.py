@@ -46,13 +46,15 @@ from .taps import (
     tap_slices,
 )
 
-# Gathered patches per chunk: 0.5-1 MiB measured fastest (5x5 C=192 @40x40: 6.6x the Conv
-# per chunk of 1 MiB vs 15.5x unchunked; 128 KiB chunks 8.0x).
-CHUNK_BYTES = 1 << 20
+# Gathered patches per chunk: 0.5-1 MiB measured fastest alone at 1 thread (5x5 C=192
+# @40x40: 6.6x the Conv per chunk of 1 MiB vs 15.5x unchunked; 128 KiB chunks 8.0x); in whole
+# models 2 MiB (with 1 MiB shift-add runs) ties at 1 thread and shares better between 2
+# threads (PP-OCRv4 det 2.18x -> 2.05x, rec 2.08x -> 1.87x; 4 MiB / 2 MiB: 3 % worse at 1).
+CHUNK_BYTES = 2 << 20
 # Output per run of rows in the shift-add form, whose ~3 passes per tap then stay in cache.
 # Measured (3x3, 1 thread): 16 @320x320 3.25x the Conv in 512 KiB runs vs 4.62x in one
 # piece, 48 @160x160 3.67x vs 4.47x; 96 @80x80 4.53x vs 4.97x (256 KiB-1 MiB within 10 %).
-SHIFT_ADD_CHUNK_BYTES = 512 << 10
+SHIFT_ADD_CHUNK_BYTES = 1 << 20
 # Output size (at 4 bytes a value) from which 3x3 depthwise convs take shift-add.
 SHIFT_ADD_OUTPUT_BYTES = 1 << 20
 # Largest set of per-tap scales repeated along the output's last axis (``_row_scales``).
