@@ -8,7 +8,9 @@ onnxruntime's Conv refuses. Tensors stay tiny so a few hundred examples run in s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 
 from onnx_convfc import rewrite_model
 from onnx_convfc.conv import conv_spec
+from onnx_convfc.lowering import depthwise, patches, pointwise
 
 AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
 LEVELS = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -165,3 +168,47 @@ def test_spec_geometry_matches_onnx_shape_inference(geo, explicit_pads):
         assert spec.pads is None  # depends on the run-time size
     else:  # NOTSET, VALID and stride-1 SAME pads do not depend on the size
         assert list(spec.pads) == want_pads
+
+
+@settings(FUZZ, max_examples=200)
+@given(geo=geometries(), data=st.data())
+def test_random_geometry_in_every_form_and_chunking(geo, data, explicit_pads, reference_conv,
+                                                    close, faithful):
+    """The forms' thresholds lowered or raised at random, so that tiny convs take every form
+    and chunk size: Gather or Slice patches whatever the channels, runs of one row or column,
+    one axis at a time or a Slice per tap, depthwise Gather or shift-add in runs, repeated
+    scales or not, weight-left 1x1 convs."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    model, w, b = _model(geo, rng)
+    tiny_or_huge = st.sampled_from([1, 1 << 40])
+    knobs = {
+        (patches, "SHORT_ROW_CHANNELS"): data.draw(st.sampled_from([1, 16, 1000]), "short"),
+        (patches, "CHUNK_BYTES"): data.draw(tiny_or_huge, "im2col chunk"),
+        (patches, "SMALL_PATCH_BYTES"): data.draw(st.sampled_from([0, 1 << 40]), "axis"),
+        (patches, "RUNTIME_SHAPE_BYTES"): data.draw(tiny_or_huge, "runtime shape"),
+        (depthwise, "CHUNK_BYTES"): data.draw(tiny_or_huge, "depthwise chunk"),
+        (depthwise, "SHIFT_ADD_CHUNK_BYTES"): data.draw(tiny_or_huge, "shift-add run"),
+        (depthwise, "TILED_SCALE_BYTES"): data.draw(st.sampled_from([0, 1 << 40]), "tiled"),
+        (pointwise, "WEIGHT_LEFT_PIXELS"): 1,
+    }
+    gather = data.draw(st.booleans(), "depthwise gather")
+    static = geo.mode != "dyn_all"
+    shapes = [("X", (2, geo.c, *geo.spatial))] if data.draw(st.booleans(), "pinned") else []
+    with contextlib.ExitStack() as stack:
+        for (module, name), value in knobs.items():
+            stack.enter_context(mock.patch.object(module, name, value))
+        stack.enter_context(mock.patch.object(
+            depthwise, "uses_gather", lambda spec: spec.is_static and gather))
+        rewritten, report = rewrite_model(model, input_shapes=shapes if static else [],
+                                          weight_left=data.draw(st.booleans(), "left"))
+    faithful(model, rewritten, report)
+    sess = ort.InferenceSession(rewritten.SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    sizes = {"static": [(2, geo.spatial)], "dyn_batch": [(1, geo.spatial), (0, geo.spatial)],
+             "dyn_all": [(1, geo.spatial), (2, geo.grown)]}[geo.mode]
+    for batch, spatial in sizes:
+        x = rng.standard_normal((batch, geo.c, *spatial)).astype(geo.dtype)
+        ref = reference_conv(x, w, b, geo.strides, geo.dilations,
+                             _pads_at(geo, spatial, explicit_pads), geo.group)
+        close(sess.run(None, {"X": x})[0], ref, TOLERANCE[geo.dtype],
+              f"{report.rows[0].lowering} on {list(x.shape)}")

@@ -142,10 +142,10 @@ def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
     scales = _tap_scales(spec, weight)
     scales = scales if mult > 1 else scales[:, :, 0]
     rows, columns = chunks(spec, weight.dtype.itemsize)
-    width = int(spec.output_spatial()[-1])
-    if not columns and scales.size * width * scales.itemsize <= TILED_SCALE_BYTES:
+    if not columns and _repeats_scales(spec, scales):
         # [W, taps, C(, mult)]: long broadcast runs, as in _row_scales (whole models: det
         # 1.82x -> 1.70x, with both)
+        width = int(spec.output_spatial()[-1])
         scales = np.ascontiguousarray(np.repeat(scales[None], width, axis=0))
     scales = em.const("tap_scales", scales)
     parts = index_parts(spec)
@@ -249,10 +249,17 @@ def _row_scales(spec: ConvSpec, scales: np.ndarray) -> np.ndarray:
     last axis, unless that takes over ``TILED_SCALE_BYTES``: onnxruntime broadcasts a
     channels-last ``[C]`` scale in runs of C values (16 @320x320: 1.2 ms a Mul, 0.48 ms in
     runs of ``W*C``)."""
-    width = int(spec.output_spatial()[-1])
-    if scales.size * width * scales.itemsize > TILED_SCALE_BYTES:
+    if not _repeats_scales(spec, scales):
         return scales
+    width = int(spec.output_spatial()[-1])
     return np.ascontiguousarray(np.repeat(scales[:, None], width, axis=1))
+
+
+def _repeats_scales(spec: ConvSpec, scales: np.ndarray) -> bool:
+    """Whether the scales are repeated along the output width: up to ``TILED_SCALE_BYTES``,
+    and not in 1-D, where the width is the axis cut into runs of rows."""
+    width = int(spec.output_spatial()[-1])
+    return spec.rank > 1 and scales.size * width * scales.itemsize <= TILED_SCALE_BYTES
 
 
 def _input_rows(spec: ConvSpec, em: Emitter, x: str, first_axis: int, start: int, stop: int,
