@@ -155,6 +155,28 @@ def int_attribute(attrs: dict, name: str, rank: int, default: int, minimum: int,
     return values
 
 
+def pads_attribute(attrs: dict, rank: int, op_label: str) -> tuple[int, ...]:
+    """Explicit ``pads`` (begins, then ends), checked for length and sign."""
+    pads = tuple(attrs.get("pads", [0] * (2 * rank)))
+    if len(pads) != 2 * rank or min(pads) < 0:
+        raise SpecError(f"pads={list(pads)} invalid for a {rank}-D {op_label}")
+    return pads
+
+
+def group_attribute(attrs: dict, channels: int, which: str) -> int:
+    """``group``, checked to divide the ``which`` (input or output) channel count."""
+    group = int(attrs.get("group", 1))
+    if group < 1 or channels % group:
+        raise SpecError(f"group={group} does not divide the {channels} {which} channels")
+    return group
+
+
+def require_output(spec: GroupedGeometry, why: str) -> None:
+    """Raise ``SpecError(why)`` when a statically known output size is below 1."""
+    if any(size is not None and size < 1 for size in spec.output_spatial()):
+        raise SpecError(why)
+
+
 def auto_pad_attribute(attrs: dict) -> str:
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
@@ -191,9 +213,7 @@ def conv_spec(
     """
     attrs, rank, kernel = read_attributes(node, weight_shape)
     out_channels, in_per_group = weight_shape[0], weight_shape[1]
-    group = int(attrs.get("group", 1))
-    if group < 1 or out_channels % group:
-        raise SpecError(f"group={group} does not divide the {out_channels} output channels")
+    group = group_attribute(attrs, out_channels, "output")
     strides = int_attribute(attrs, "strides", rank, 1, 1, "conv")
     dilations = int_attribute(attrs, "dilations", rank, 1, 1, "conv")
     auto_pad = auto_pad_attribute(attrs)
@@ -207,9 +227,7 @@ def conv_spec(
 
     pads: tuple[int, ...] | None
     if auto_pad == "NOTSET":
-        pads = tuple(attrs.get("pads", [0] * (2 * rank)))
-        if len(pads) != 2 * rank or min(pads) < 0:
-            raise SpecError(f"pads={list(pads)} invalid for a {rank}-D conv")
+        pads = pads_attribute(attrs, rank, "conv")
     elif auto_pad == "VALID":
         pads = (0,) * (2 * rank)
     else:
@@ -231,9 +249,7 @@ def conv_spec(
         auto_pad=auto_pad,
         input_spatial=spatial,
     )
-    for size in spec.output_spatial():
-        if size is not None and size < 1:
-            raise SpecError("the kernel is larger than the padded input")
+    require_output(spec, "the kernel is larger than the padded input")
     return spec
 
 

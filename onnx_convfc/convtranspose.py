@@ -23,8 +23,11 @@ from .conv import (
     auto_pad_attribute,
     bias_input,
     dims_text,
+    group_attribute,
     int_attribute,
+    pads_attribute,
     read_attributes,
+    require_output,
     spatial_of,
 )
 
@@ -103,9 +106,7 @@ def conv_transpose_spec(
     """
     attrs, rank, kernel = read_attributes(node, weight_shape)
     in_channels, out_per_group = weight_shape[0], weight_shape[1]
-    group = int(attrs.get("group", 1))
-    if group < 1 or in_channels % group:
-        raise SpecError(f"group={group} does not divide the {in_channels} input channels")
+    group = group_attribute(attrs, in_channels, "input")
     strides = int_attribute(attrs, "strides", rank, 1, 1, OP_LABEL)
     dilations = int_attribute(attrs, "dilations", rank, 1, 1, OP_LABEL)
     output_padding = int_attribute(attrs, "output_padding", rank, 0, 0, OP_LABEL)
@@ -139,9 +140,7 @@ def conv_transpose_spec(
     elif auto_pad == "VALID":
         pads = (0,) * (2 * rank)
     else:
-        pads = tuple(attrs.get("pads", [0] * (2 * rank)))
-        if len(pads) != 2 * rank or min(pads) < 0:
-            raise SpecError(f"pads={list(pads)} invalid for a {rank}-D {OP_LABEL}")
+        pads = pads_attribute(attrs, rank, OP_LABEL)
 
     spec = ConvTransposeSpec(
         name=node.name,
@@ -161,9 +160,7 @@ def conv_transpose_spec(
         auto_pad=auto_pad,
         input_spatial=spatial,
     )
-    for size in spec.output_spatial():
-        if size is not None and size < 1:
-            raise SpecError("the pads leave no output")
+    require_output(spec, "the pads leave no output")
     return spec
 
 
