@@ -32,9 +32,9 @@ from .lowering import (
     pointwise,
     qlinearconv,
 )
-from .lowering.dense import size_text
 from .options import RewriteOptions
 from .quantconv import QuantConvSpec
+from .report import size_text
 
 # One emitted node with its names and small constants (measured: 150-400 bytes serialised).
 NODE_BYTES = 512
@@ -129,9 +129,8 @@ def _subpixel(spec: ConvTransposeSpec, itemsize: int, options: RewriteOptions) -
 
 def _transpose_dense(spec: ConvTransposeSpec, itemsize: int, options: RewriteOptions) -> int:
     """The matrix (built, then transposed: two copies), bias per output value, tap tables."""
-    rows = spec.in_channels * math.prod(spec.input_spatial)
+    rows, cols = dense.matrix_shape(spec)
     positions = math.prod(spec.output_spatial())
-    cols = spec.out_channels * positions
     taps = math.prod(spec.kernel)
     tables = 4 * 8 * taps * math.prod(spec.input_spatial)
     return (2 * rows * cols + spec.out_channels * positions) * itemsize + tables \

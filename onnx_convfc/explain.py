@@ -23,10 +23,11 @@ from .families import FAMILIES
 from .graphs import STANDARD_DOMAINS, constant_array, constants, inferred_shapes, scoped_graphs
 from .inputs import check_input_shapes
 from .lowering import convtranspose_dense
-from .lowering.dense import matrix_shape, size_text
+from .lowering.dense import matrix_shape
 from .lowering.weights import dense_matrix
 from .options import RewriteOptions
 from .prepare import prepare_model
+from .report import size_text
 
 MAX_PIXELS = 1024  # longest side of the PNG; larger matrices are max-pooled down to it
 MAX_GRID_LINES = 32  # channel-block separators drawn only up to this many channels

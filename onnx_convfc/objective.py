@@ -343,7 +343,8 @@ def _lowered_model(conv: ModelProto, spec: ConvSpec, name: str, weight: np.ndarr
     graph = model.graph
     graph.ClearField("node")
     graph.ClearField("initializer")
-    em = Emitter("conv", ConstantPool(NameScope({"x", "y", "w", "b"}), graph), options, opset)
+    em = Emitter("conv", ConstantPool(NameScope({"x", "y", "w", "b"}), graph), options,
+                 opset or DEFAULT_OPSET)  # the opset the candidate model declares
     local = replace(spec, name="conv", input="x", weight="w", output="y",
                     bias="b" if bias is not None else None)
     LOWERINGS[name].emit(local, weight, bias, em)

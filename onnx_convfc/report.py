@@ -77,8 +77,9 @@ class Report:
                 verdict += " (fallback)"
             if r.lowering and r.weights == "runtime":
                 verdict += " (run-time weights)"
-            table.add_row(where, r.op_type, r.geometry, verdict, _size(r.weight_bytes_before),
-                          _size(r.weight_bytes_after) if r.lowering else "-")
+            table.add_row(where, r.op_type, r.geometry, verdict,
+                          size_text(r.weight_bytes_before),
+                          size_text(r.weight_bytes_after) if r.lowering else "-")
         if self.rows:
             console.print(table)
         for r in self.rows:
@@ -95,9 +96,9 @@ def _is_fallback(note: str) -> bool:
     return "fell back" in note
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+def size_text(n: int) -> str:
+    """``67108864`` -> ``64.0 MiB``; small sizes in KiB or B."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -12,13 +12,14 @@ from ..emit import Emitter
 from ..quantconv import QuantConvSpec
 from .integer import emit_integer_gemm
 from .operands import Operand, Operands
-from .patches import refusal, to_channels_first
+from .patches import to_channels_first
+from .taps import slice_refusal
 
 NAME = "im2col-integer"
 
 
 def applies(spec: QuantConvSpec) -> str | None:
-    return refusal(spec.conv)
+    return slice_refusal(spec.conv)
 
 
 def emit(spec: QuantConvSpec, weight: Operand, bias: None, em: Emitter) -> None:

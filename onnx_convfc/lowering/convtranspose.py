@@ -25,10 +25,10 @@ from ..conv import ConvSpec
 from ..convtranspose import ConvTransposeSpec
 from ..emit import Emitter
 from .operands import Operand, Operands, is_runtime, patch_matrix
-from .patches import PatchRows, patch_rows, refusal
+from .patches import PatchRows, patch_rows
+from .taps import INT64_MAX, slice_refusal
 
 NAME = "subpixel"
-INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def applies(spec: ConvTransposeSpec) -> str | None:
     for size, axis in zip(spec.input_spatial, _axes(spec)):
         if size is not None and size + axis.row_end <= axis.first_row:
             return "the output lies entirely in the padding"
-    return refusal(phase_conv(spec))
+    return slice_refusal(phase_conv(spec))
 
 
 def emit(spec: ConvTransposeSpec, weight: Operand, bias: Operand | None, em: Emitter) -> None:

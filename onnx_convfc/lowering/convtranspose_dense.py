@@ -10,14 +10,12 @@ repeated per output position], Reshape to ``[N, M, out...]``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..conv import ConvSpec
 from ..convtranspose import ConvTransposeSpec
 from ..emit import Emitter
-from .dense import matrix_refusal
+from .dense import emit_flat, over_budget  # noqa: F401 - over_budget: families.py's hook
 from .weights import dense_matrix
 
 NAME = "dense"
@@ -27,13 +25,6 @@ def applies(spec: ConvTransposeSpec) -> str | None:
     if not spec.is_static:
         return "spatial size is not static"
     return None
-
-
-def over_budget(spec: ConvTransposeSpec, itemsize: int, max_bytes: int) -> str | None:
-    """The reason the matrix of a static ConvTranspose is too large, or ``None``."""
-    rows = spec.in_channels * math.prod(spec.input_spatial)  # Python ints: no overflow
-    cols = spec.out_channels * math.prod(spec.output_spatial())
-    return matrix_refusal(rows, cols, itemsize, max_bytes)
 
 
 def adjoint(spec: ConvTransposeSpec) -> ConvSpec:
@@ -60,13 +51,4 @@ def matrix(weight: np.ndarray, spec: ConvTransposeSpec) -> np.ndarray:
 
 def emit(spec: ConvTransposeSpec, weight: np.ndarray, bias: np.ndarray | None,
          em: Emitter) -> None:
-    out = spec.output_spatial()
-    dense = matrix(weight, spec)
-    # [-1, K], not [0, -1]: Reshape cannot resolve -1 for an empty batch
-    flat = em.op("Reshape", [spec.input, em.ints("flat_shape", [-1, dense.shape[0]])],
-                 "flatten")
-    y = em.op("MatMul", [flat, em.const("weight", dense)])
-    if bias is not None:
-        y = em.op("Add", [y, em.const("bias", np.repeat(bias, int(np.prod(out))))], "AddBias")
-    em.op("Reshape", [y, em.ints("out_shape", [0, spec.out_channels, *out])], "unflatten",
-          output=spec.output)
+    emit_flat(spec, spec.input, matrix(weight, spec), bias, em)

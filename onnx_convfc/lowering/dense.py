@@ -13,8 +13,9 @@ import math
 
 import numpy as np
 
-from ..conv import ConvSpec
+from ..conv import ConvSpec, GroupedGeometry
 from ..emit import Emitter
+from ..report import size_text
 from .weights import dense_matrix
 
 NAME = "dense"
@@ -26,15 +27,17 @@ def applies(spec: ConvSpec) -> str | None:
     return None
 
 
-def matrix_shape(spec: ConvSpec) -> tuple[int, int]:
-    """``(C*prod(in), M*prod(out))`` of a static conv, in Python ints: declared dims can be
-    large enough to overflow int64, and the budget check must see the true size."""
+def matrix_shape(spec: GroupedGeometry) -> tuple[int, int]:
+    """``(C*prod(in), M*prod(out))`` of a static conv or ConvTranspose, in Python ints:
+    declared dims can be large enough to overflow int64, and the budget check must see the
+    true size."""
     return (spec.in_channels * math.prod(spec.input_spatial),
             spec.out_channels * math.prod(spec.output_spatial()))
 
 
-def over_budget(spec: ConvSpec, itemsize: int, max_bytes: int) -> str | None:
-    """The reason the matrix of a static conv is too large, or ``None`` when it fits."""
+def over_budget(spec: GroupedGeometry, itemsize: int, max_bytes: int) -> str | None:
+    """The reason the matrix of a static conv or ConvTranspose is too large, or ``None`` when
+    it fits."""
     return matrix_refusal(*matrix_shape(spec), itemsize, max_bytes)
 
 
@@ -47,19 +50,18 @@ def matrix_refusal(rows: int, cols: int, itemsize: int, max_bytes: int) -> str |
             f"over --max-dense-bytes {size_text(max_bytes)}")
 
 
-def size_text(n: int) -> str:
-    """``67108864`` -> ``64.0 MiB``; small sizes in KiB or B."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def emit(spec: ConvSpec, weight: np.ndarray, bias: np.ndarray | None, em: Emitter) -> None:
+    emit_flat(spec, spec.input, dense_matrix(weight, spec), bias, em)
+
+
+def emit_flat(spec: GroupedGeometry, x: str, matrix: np.ndarray, bias: np.ndarray | None,
+              em: Emitter) -> None:
+    """The fully connected layer every dense form ends in (``fc``, ``dense``, ConvTranspose's
+    ``dense``): ``x`` flattened to ``[N, K]``, times ``matrix``, plus the bias repeated per
+    output position, reshaped to ``spec.output`` ``[N, M, out...]``."""
     out = spec.output_spatial()
-    matrix = dense_matrix(weight, spec)
     # [-1, K], not [0, -1]: Reshape cannot resolve -1 for an empty batch
-    flat = em.op("Reshape", [spec.input, em.ints("flat_shape", [-1, matrix.shape[0]])], "flatten")
+    flat = em.op("Reshape", [x, em.ints("flat_shape", [-1, matrix.shape[0]])], "flatten")
     y = em.op("MatMul", [flat, em.const("weight", matrix)])
     if bias is not None:
         per_position = np.repeat(bias, int(np.prod(out)))

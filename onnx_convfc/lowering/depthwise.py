@@ -36,12 +36,12 @@ from ..emit import Emitter
 from .operands import Operand, Operands
 from .taps import (
     MAX_SLICE_TAPS,
-    TOO_MANY_TAPS,
     index_parts,
     pad_input,
     row_chunks,
     runs,
     shape_target,
+    slice_refusal,
     sum_constants,
     tap_slices,
 )
@@ -69,9 +69,7 @@ NAME = "depthwise"
 def applies(spec: ConvSpec) -> str | None:
     if spec.group == 1 or spec.in_per_group != 1:
         return "not depthwise (needs one input channel per group)"
-    if spec.taps > MAX_SLICE_TAPS and not uses_gather(spec):
-        return TOO_MANY_TAPS
-    return None
+    return slice_refusal(spec)
 
 
 def emit(spec: ConvSpec, weight: np.ndarray, bias: Operand | None, em: Emitter) -> None:
@@ -124,10 +122,12 @@ def chunk_count(spec: ConvSpec, itemsize: int) -> int:
 
 
 def _tap_scales(spec: ConvSpec, weight: np.ndarray) -> np.ndarray:
-    """``[taps, C, mult]``: the scale of input channel ``c`` for output ``c*mult + j``."""
+    """``[taps, C, mult]`` (``[taps, C]`` without a multiplier): the scale of input channel
+    ``c`` for output ``c*mult + j``."""
     mult = spec.out_channels // spec.in_channels
-    return np.ascontiguousarray(weight.reshape(spec.in_channels, mult, spec.taps)
-                                .transpose(2, 0, 1))
+    scales = np.ascontiguousarray(weight.reshape(spec.in_channels, mult, spec.taps)
+                                  .transpose(2, 0, 1))
+    return scales if mult > 1 else scales[:, :, 0]
 
 
 def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
@@ -139,14 +139,10 @@ def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
     pixels = int(np.prod(spec.padded_spatial()))
     unit = [1] if mult > 1 else []
     x = em.op("Reshape", [x, em.ints("pixels_shape", [0, pixels, c, *unit])], "flatten_pixels")
-    scales = _tap_scales(spec, weight)
-    scales = scales if mult > 1 else scales[:, :, 0]
     rows, columns = chunks(spec, weight.dtype.itemsize)
-    if not columns and _repeats_scales(spec, scales):
-        # [W, taps, C(, mult)]: long broadcast runs, as in _row_scales (whole models: det
-        # 1.82x -> 1.70x, with both)
-        width = int(spec.output_spatial()[-1])
-        scales = np.ascontiguousarray(np.repeat(scales[None], width, axis=0))
+    scales = _tap_scales(spec, weight)
+    if not columns:  # [W, taps, C(, mult)] (whole models: det 1.82x -> 1.70x, with shift-add's)
+        scales = _row_scales(spec, scales, axis=0)
     scales = em.const("tap_scales", scales)
     parts = index_parts(spec)
     out = [int(o) for o in spec.output_spatial()]
@@ -218,8 +214,7 @@ def _rows_shift_add_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | Non
         padded = [int(p) for p in spec.padded_spatial()]
         x = em.op("Reshape", [x, em.ints("unit_shape", [0, *padded, c, 1])],
                   "add_multiplier_axis")
-    scales = _row_scales(spec, _tap_scales(spec, weight) if mult > 1
-                         else _tap_scales(spec, weight)[:, :, 0])
+    scales = _row_scales(spec, _tap_scales(spec, weight), axis=1)
     starts = shift_add_chunks(spec, weight.dtype.itemsize)
     sums = []
     for i, (start, stop) in enumerate(runs(starts)):
@@ -244,15 +239,15 @@ def shift_add_chunks(spec: ConvSpec, itemsize: int) -> range:
     return row_chunks(spec, spec.out_channels * itemsize, SHIFT_ADD_CHUNK_BYTES)
 
 
-def _row_scales(spec: ConvSpec, scales: np.ndarray) -> np.ndarray:
-    """``[taps, C(, mult)]`` scales as ``[taps, W, C(, mult)]``, repeated along the output's
-    last axis, unless that takes over ``TILED_SCALE_BYTES``: onnxruntime broadcasts a
-    channels-last ``[C]`` scale in runs of C values (16 @320x320: 1.2 ms a Mul, 0.48 ms in
-    runs of ``W*C``)."""
+def _row_scales(spec: ConvSpec, scales: np.ndarray, axis: int) -> np.ndarray:
+    """``[taps, C(, mult)]`` scales repeated along the output's last axis, a new ``axis``
+    (``[taps, W, C]`` for shift-add, ``[W, taps, C]`` for the Gather form), unless that takes
+    over ``TILED_SCALE_BYTES``: onnxruntime broadcasts a channels-last ``[C]`` scale in runs
+    of C values (16 @320x320: 1.2 ms a Mul, 0.48 ms in runs of ``W*C``)."""
     if not _repeats_scales(spec, scales):
         return scales
     width = int(spec.output_spatial()[-1])
-    return np.ascontiguousarray(np.repeat(scales[:, None], width, axis=1))
+    return np.ascontiguousarray(np.repeat(np.expand_dims(scales, axis), width, axis=axis))
 
 
 def _repeats_scales(spec: ConvSpec, scales: np.ndarray) -> bool:

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..conv import ConvSpec
 from ..emit import Emitter
+from .dense import emit_flat
 from .weights import flat_weight
 
 NAME = "fc"
@@ -38,11 +39,4 @@ def emit(spec: ConvSpec, weight: np.ndarray, bias: np.ndarray | None, em: Emitte
                             em.ints("ends", [e + 1 for e in spec.extents]),
                             em.ints("axes", list(range(2, r + 2))),
                             em.ints("steps", spec.dilations)], "taps")
-    matrix = flat_weight(weight)
-    # [-1, K], not [0, -1]: Reshape cannot resolve -1 for an empty batch
-    flat = em.op("Reshape", [x, em.ints("flat_shape", [-1, matrix.shape[0]])], "flatten")
-    y = em.op("MatMul", [flat, em.const("weight", matrix)])
-    if bias is not None:
-        y = em.op("Add", [y, em.const("bias", bias)], "AddBias")
-    em.op("Reshape", [y, em.ints("out_shape", [0, spec.out_channels] + [1] * r)], "unflatten",
-          output=spec.output)
+    emit_flat(spec, x, flat_weight(weight), bias, em)

@@ -14,13 +14,14 @@ import numpy as np
 
 from ..conv import ConvSpec
 from ..emit import Emitter
-from .patches import emit_patch_gemm, refusal
+from .patches import emit_patch_gemm
+from .taps import slice_refusal
 
 NAME = "im2col"
 
 
 def applies(spec: ConvSpec) -> str | None:
-    return refusal(spec)
+    return slice_refusal(spec)
 
 
 def emit(spec: ConvSpec, weight: np.ndarray, bias: np.ndarray | None, em: Emitter) -> None:

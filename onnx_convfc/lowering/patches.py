@@ -19,7 +19,7 @@ weight ``B``. How the rows are built depends on what onnxruntime copies fastest 
 - **slices** (dynamic spatial sizes, and 1x1 kernels): channels-last input, Pad, one strided
   ``Slice`` per kernel offset (ends are negative offsets from the end, so the graph stays
   valid for any run-time size), Concat on channels. Over ``taps.MAX_SLICE_TAPS`` taps no
-  Slice form is built: ``refusal`` says why, and each lowering's ``applies`` returns it.
+  Slice form is built: ``taps.slice_refusal`` says why, and each lowering's ``applies`` returns it.
 
 Depthwise convs have a GEMM-free lowering of their own, ``depthwise.py``.
 
@@ -41,7 +41,6 @@ from ..emit import Emitter
 from .operands import Operand, Operands, is_runtime, patch_matrix
 from .taps import (
     MAX_SLICE_TAPS,
-    TOO_MANY_TAPS,
     axis_by_axis_patches,
     index_parts,
     pad_input,
@@ -172,12 +171,6 @@ def uses_channels_first(spec: ConvSpec) -> bool:
     return spec.taps > 1 and spec.in_per_group < SHORT_ROW_CHANNELS and not uses_gather(spec)
 
 
-def refusal(spec: ConvSpec) -> str | None:
-    """Why ``patch_rows`` will not build the patches of ``spec``: a Slice per tap of a huge
-    kernel (``taps.MAX_SLICE_TAPS``); ``None`` when it will."""
-    return TOO_MANY_TAPS if spec.taps > MAX_SLICE_TAPS and not uses_gather(spec) else None
-
-
 def _slice_rows(spec: ConvSpec, em: Emitter, pad_value: str | None) -> PatchRows:
     """Channels-last input, Pad, one strided Slice per kernel offset, Concat on channels."""
     x, first_axis = _channels_last(spec, em)
@@ -190,11 +183,7 @@ def _channels_first_rows(spec: ConvSpec, em: Emitter, pad_value: str | None) -> 
     """Pad and Slice the NCHW input (whole rows of pixels per copy), Concat the taps on the
     channel axis (tap-major, as ``patch_weight``), one Transpose to channels-last rows."""
     r, g = spec.rank, spec.group
-    x, first_axis = spec.input, 2
-    if g > 1:  # [N, C, sp...] -> [N, g, C/g, sp...]
-        shape = shape_target(em, "group_shape", [0, g, spec.in_per_group], spec.input_spatial,
-                             x)
-        x, first_axis = em.op("Reshape", [x, shape], "split_groups"), 3
+    x, first_axis = (_split_groups(spec, em), 3) if g > 1 else (spec.input, 2)
     x = pad_input(spec, em, x, first_axis, pad_value, channels_last=False)
     patches = _slice_patches(spec, em, x, first_axis, channel_axis=first_axis - 1)
     lead = list(range(first_axis - 1))
@@ -288,11 +277,16 @@ def _channels_last(spec: ConvSpec, em: Emitter) -> tuple[str, int]:
     if g == 1:
         x = em.op("Transpose", [spec.input], "to_channels_last", perm=[0, *range(2, r + 2), 1])
         return x, 1
-    # [N, C, sp...] -> [N, g, C/g, sp...] -> [N, g, sp..., C/g]
-    shape = shape_target(em, "group_shape", [0, g, spec.in_per_group], spec.input_spatial,
-                         spec.input)
-    x = em.op("Reshape", [spec.input, shape], "split_groups")
-    return em.op("Transpose", [x], "to_channels_last", perm=[0, 1, *range(3, r + 3), 2]), 2
+    # [N, g, C/g, sp...] -> [N, g, sp..., C/g]
+    return em.op("Transpose", [_split_groups(spec, em)], "to_channels_last",
+                 perm=[0, 1, *range(3, r + 3), 2]), 2
+
+
+def _split_groups(spec: ConvSpec, em: Emitter) -> str:
+    """``[N, C, sp...] -> [N, g, C/g, sp...]``."""
+    shape = shape_target(em, "group_shape", [0, spec.group, spec.in_per_group],
+                         spec.input_spatial, spec.input)
+    return em.op("Reshape", [spec.input, shape], "split_groups")
 
 
 def _flatten_groups(spec: ConvSpec, em: Emitter, patches: str) -> PatchRows:

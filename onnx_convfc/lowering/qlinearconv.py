@@ -16,13 +16,14 @@ from ..emit import Emitter
 from ..quantconv import QuantConvSpec
 from .integer import emit_integer_gemm, per_column
 from .operands import Operand, Operands
-from .patches import refusal, to_channels_first
+from .patches import to_channels_first
+from .taps import slice_refusal
 
 NAME = "im2col-requant"
 
 
 def applies(spec: QuantConvSpec) -> str | None:
-    return refusal(spec.conv)
+    return slice_refusal(spec.conv)
 
 
 def emit(spec: QuantConvSpec, weight: Operand, bias: Operand | None, em: Emitter) -> None:

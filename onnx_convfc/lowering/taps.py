@@ -23,6 +23,12 @@ TOO_MANY_TAPS = (f"kernel over {MAX_SLICE_TAPS} taps with a spatial size known o
                  "time (one Slice per tap); fix it with --input-shape")
 
 
+def slice_refusal(spec: ConvSpec) -> str | None:
+    """Why no Slice form is built: over ``MAX_SLICE_TAPS`` taps with sizes known only at run
+    time (static sizes take a Gather instead); ``None`` otherwise."""
+    return TOO_MANY_TAPS if spec.taps > MAX_SLICE_TAPS and not spec.is_static else None
+
+
 def pad_input(spec: ConvSpec, em: Emitter, x: str, first_axis: int, value: str | None = None,
               channels_last: bool = True) -> str:
     """Pad the spatial axes ``first_axis..`` of ``x`` (followed by a channel axis when
