@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
-from .io import InputError, load_model, save_text
+from .io import InputError, first_line, load_model, save_text
 from .parity import add_provider_args, resolve_providers, short_name
 from .profile import LoweringProfile, lowerings_from_json, profile_by_lowering
 from .report import Report
@@ -242,7 +242,7 @@ def bench_models(original: onnx.ModelProto | str | os.PathLike,
                                             min_seconds=min_seconds)
             except Exception as err:  # noqa: BLE001 - onnxruntime raises its own error types
                 raise InputError(f"onnxruntime failed to run a model on {short_name(full)} "
-                                 f"({str(err).strip().splitlines()[0]})"
+                                 f"({first_line(err)})"
                                  f"{plan.failure_hint()}") from None
             report.rows.append(BenchRow(short_name(full), thread_label(n), ref.median_ms,
                                         new.median_ms, new.ratio, new.ratio_q25,
@@ -299,4 +299,4 @@ def _session(data: bytes, threads: int, provider: str, label: str) -> ort.Infere
         return make_session(data, threads, provider)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own error types
         raise InputError(f"{label}: onnxruntime cannot load it on {short_name(provider)} "
-                         f"({str(err).strip().splitlines()[0]})") from None
+                         f"({first_line(err)})") from None

@@ -53,7 +53,7 @@ class BudgetError(ValueError):
 
 def estimate(lowering: ModuleType, spec, itemsize: int, options: RewriteOptions) -> int:
     """Upper bound of the bytes ``lowering.emit`` adds for ``spec`` (weights of ``itemsize``)."""
-    return ESTIMATES.get(lowering, _patches)(spec, itemsize, options)
+    return ESTIMATES[lowering](spec, itemsize, options)
 
 
 def charge(total: int, need: int, conv: str, lowering: str, limit: int) -> int:

@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(highlight=False, soft_wrap=True,
                       width=None if sys.stdout.isatty() else 200)
     try:
+        _writable(getattr(args, "report_json", None))  # every verb, before any work
         return args.run(args, console)
     except (InputError, PrepareError, ValueError) as err:
         print(f"onnx-convfc: error: {err}", file=sys.stderr)
@@ -228,7 +229,6 @@ def _writable(path: str | None) -> None:
 
 def _rewrite(args: argparse.Namespace, console: Console) -> int:
     out = _output_path(args)
-    _writable(args.report_json)
     options = options_from_args(args)
     loaded = read_model(args.model)
     original = loaded.model

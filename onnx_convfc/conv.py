@@ -125,7 +125,11 @@ class ConvSpec(GroupedGeometry):
 def same_pads(size: int, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int]:
     """(begin, end) padding of ``auto_pad=SAME_UPPER/SAME_LOWER`` for one axis."""
     out = -(-size // stride)
-    total = max(0, (out - 1) * stride + (kernel - 1) * dilation + 1 - size)
+    return split_total(max(0, (out - 1) * stride + (kernel - 1) * dilation + 1 - size), upper)
+
+
+def split_total(total: int, upper: bool) -> tuple[int, int]:
+    """(begin, end) of a SAME total padding: the odd one at the end (upper) or the begin."""
     small = total // 2
     return (small, total - small) if upper else (total - small, small)
 
@@ -259,9 +263,7 @@ def _resolve_same(spatial, kernel, strides, dilations, upper) -> tuple[int, ...]
         if size is None:
             if s != 1:
                 return None  # total padding depends on the run-time size
-            total = (k - 1) * d  # stride 1: independent of the size
-            small = total // 2
-            b, e = (small, total - small) if upper else (total - small, small)
+            b, e = split_total((k - 1) * d, upper)  # stride 1: independent of the size
         else:
             b, e = same_pads(size, k, s, d, upper)
         begins.append(b)

@@ -29,6 +29,7 @@ from .conv import (
     read_attributes,
     require_output,
     spatial_of,
+    split_total,
 )
 
 OP_LABEL = "ConvTranspose"
@@ -177,11 +178,5 @@ def _output_shape(attrs: dict, rank: int) -> tuple[int, ...] | None:
 
 def _split(totals: list[int], auto_pad: str) -> tuple[int, ...]:
     """Begins + ends of clamped total paddings, split as onnxruntime splits them."""
-    begins, ends = [], []
-    for total in totals:
-        total = max(0, total)
-        small = total // 2
-        begin = small if auto_pad == "SAME_UPPER" else total - small
-        begins.append(begin)
-        ends.append(total - begin)
-    return tuple(begins + ends)
+    pairs = [split_total(max(0, total), auto_pad == "SAME_UPPER") for total in totals]
+    return tuple(b for b, _ in pairs) + tuple(e for _, e in pairs)

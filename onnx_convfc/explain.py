@@ -26,7 +26,7 @@ from .lowering import convtranspose_dense
 from .lowering.dense import matrix_shape
 from .lowering.weights import dense_matrix
 from .options import RewriteOptions
-from .prepare import prepare_model
+from .prepare import prepare
 from .report import size_text
 
 MAX_PIXELS = 1024  # longest side of the PNG; larger matrices are max-pooled down to it
@@ -169,11 +169,13 @@ def axis_pairs(kernel: int, dilation: int, stride: int, pad: int, size: int, out
 def find_convs(model: ModelProto, options: RewriteOptions) -> list[ConvEntry]:
     """Every conv-family node of the main graph and of If/Loop/Scan bodies, after
     ``prepare``."""
-    model, _ = prepare_model(model, options)
-    shapes = inferred_shapes(model, options.input_shapes)
-    consts: dict = {}
+    prepared = prepare(model)  # weightless: its weights stay in the store
+    model = prepared.model
+    shapes = inferred_shapes(model, options.input_shapes, weightless=True)
+    consts: dict = constants(model.graph, prepared.store)
     for graph, _scope in scoped_graphs(model.graph):
-        consts.update(constants(graph))
+        if graph is not model.graph:  # nested graphs keep their own data
+            consts.update(constants(graph))
     entries = []
     for graph, scope in scoped_graphs(model.graph):
         for node in graph.node:

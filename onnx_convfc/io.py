@@ -61,7 +61,7 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # noqa: BLE001 - protobuf and onnx raise many error types
-        raise InputError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
+        raise InputError(f"{path}: not a readable ONNX model ({first_line(err)})") from None
     if not model.HasField("graph") or not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes)")
     external = [t for t in _all_tensors(model) if t.data_location == TensorProto.EXTERNAL]
@@ -394,6 +394,7 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type's name when the message is empty."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -27,7 +27,7 @@ from .batchnorm import is_batchnorm
 from .families import FAMILIES
 from .graphs import STANDARD_DOMAINS, graphs
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
-from .io import InputError, load_model, save_text
+from .io import InputError, first_line, load_model, save_text
 
 RULE = ("|rewritten - original| <= atol + rtol * |original| for every element; "
         "NaN and Inf pass only where both models produce the same one")
@@ -737,7 +737,7 @@ def _session(source: str | bytes, full: str, label: str) -> ort.InferenceSession
                                        providers=[(full, provider_options(full))])
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own error types
         raise InputError(f"{label}: onnxruntime cannot load it on {short_name(full)} "
-                         f"({_first_line(err)})") from None
+                         f"({first_line(err)})") from None
     if full not in session.get_providers():
         raise ProviderError(f"onnxruntime could not start {full} for {label} (it fell back to "
                             f"{', '.join(session.get_providers())}); check the install")
@@ -778,20 +778,15 @@ class _Reference:
 
     def _failed(self, err: Exception) -> InputError:
         return InputError(f"{self.why}, and onnx.reference cannot run it either "
-                          f"({_first_line(err)})")
+                          f"({first_line(err)})")
 
 
 def _run(session: ort.InferenceSession, fetch: list[str], feed: dict, label: str) -> list:
     try:
         return session.run(fetch, feed)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own error types
-        raise InputError(f"{label}: onnxruntime failed to run it ({_first_line(err)})") \
+        raise InputError(f"{label}: onnxruntime failed to run it ({first_line(err)})") \
             from None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 # ---------------------------------------------------------------- command-line groups

@@ -42,7 +42,7 @@ from onnx.reference import ReferenceEvaluator
 from .emit import NameScope
 from .families import FAMILIES
 from .graphs import STANDARD_DOMAINS, Holder, constants, subgraphs, visible
-from .options import RewriteOptions
+from .io import first_line
 from .skeleton import (
     LARGE_TENSOR_BYTES,
     Constant,
@@ -101,7 +101,7 @@ class Prepared:
     notes: list[str]
 
 
-def prepare(model: ModelProto, options: RewriteOptions) -> Prepared:
+def prepare(model: ModelProto) -> Prepared:
     """Prepare a weightless copy of ``model``; ``model`` itself is left unchanged."""
     copy, store = weightless_copy(model)
     ir = copy.ir_version
@@ -115,9 +115,9 @@ def prepare(model: ModelProto, options: RewriteOptions) -> Prepared:
     return Prepared(copy, store, notes)
 
 
-def prepare_model(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, list[str]]:
+def prepare_model(model: ModelProto) -> tuple[ModelProto, list[str]]:
     """Return a prepared copy of ``model``, weights included, and notes on what was changed."""
-    prepared = prepare(model, options)
+    prepared = prepare(model)
     prepared.store.fill(prepared.model.graph)
     return prepared.model, prepared.notes
 
@@ -172,7 +172,7 @@ def upgrade_opset(model: ModelProto, store: TensorStore) -> list[str]:
             converted = version_converter.convert_version(model, MIN_OPSET)
     except Exception as err:  # noqa: BLE001 - the converter raises many error types
         raise PrepareError(f"cannot upgrade opset {opset} to {MIN_OPSET}: "
-                           f"{str(err).strip().splitlines()[0]}") from None
+                           f"{first_line(err)}") from None
     model.CopyFrom(converted)
     lost = store.missing(model.graph)
     if lost:
@@ -391,9 +391,8 @@ def _evaluate(holder: Holder, cones: dict[str, set[int]], consts: Mapping[str, C
         try:
             values.update(_run_cones(holder, {name: cone}, consts, opsets))
         except Exception as err:  # noqa: BLE001 - the reference evaluator raises anything
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             stats.refused.append(f"cannot fold '{name}': evaluating its constant subgraph "
-                                 f"failed ({reason}); it stays computed at run time")
+                                 f"failed ({first_line(err)}); it stays computed at run time")
     return values
 
 

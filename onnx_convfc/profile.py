@@ -66,12 +66,6 @@ class Profiled:
     def total(self) -> float:
         return sum(ms for _, ms in self.nodes.values())
 
-    def op_types(self) -> Ops:
-        totals: Ops = defaultdict(float)
-        for op, ms in self.nodes.values():
-            totals[op] += ms
-        return _sorted(totals)
-
 
 def profile_nodes(model: onnx.ModelProto | str | bytes, feeds: Mapping[str, np.ndarray], *,
                   threads: int = 1, runs: int = 20,
@@ -122,17 +116,6 @@ def _own_times(kernels: list[dict]) -> list[float]:
                      if j != i and kernels[j]["ts"] + kernels[j]["dur"] <= end)
         own[i] = max(0.0, own[i] - nested)
     return own
-
-
-def profile_op_types(model: onnx.ModelProto | str, feeds: Mapping[str, np.ndarray], *,
-                     threads: int = 0, runs: int = 20,
-                     provider: str = "CPUExecutionProvider") -> Ops:
-    """Mean milliseconds per run spent in each op type, from onnxruntime's profiler.
-
-    Op types are those onnxruntime runs after its own fusions (``FusedConv``, ``Gemm``, ...).
-    ``threads`` 0 is onnxruntime's choice. The first run is a warm-up and is left out.
-    """
-    return profile_nodes(model, feeds, threads=threads, runs=runs, provider=provider).op_types()
 
 
 @dataclass(frozen=True)

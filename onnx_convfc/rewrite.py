@@ -63,7 +63,7 @@ def rewrite(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, Rep
     """Return a rewritten copy of ``model`` and the report of what was done."""
     started = time.perf_counter()
     report = Report()
-    prepared = prepare(model, options)
+    prepared = prepare(model)
     model = prepared.model
     report.notes.extend(prepared.notes)
     names, readers = _names_and_readers(model)

@@ -16,7 +16,6 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_convfc import io, rewrite_model
 from onnx_convfc.cli import main
 from onnx_convfc.io import InputError, load_model, read_model, save_model
-from onnx_convfc.options import RewriteOptions
 from onnx_convfc.prepare import MIN_OPSET, prepare_model
 
 RNG = np.random.default_rng(3)
@@ -227,7 +226,7 @@ def test_old_opset_and_listed_initializers(opset):
     model.graph.input.extend([helper.make_tensor_value_info("W", TensorProto.FLOAT, W.shape),
                               helper.make_tensor_value_info("B", TensorProto.FLOAT, [M])])
     onnx.checker.check_model(model)
-    prepared, notes = prepare_model(model, RewriteOptions())
+    prepared, notes = prepare_model(model)
     assert [v.name for v in prepared.graph.input] == ["X"]
     assert prepared.opset_import[0].version == MIN_OPSET
     assert prepared.ir_version >= 6
@@ -295,7 +294,7 @@ def test_only_the_weight_cone_is_evaluated():
         numpy_helper.from_array(np.array(Y_SHAPE, np.int64), "y_shape")])
     model.graph.node[-1].output[0] = "conv_out"
     model.graph.node.append(helper.make_node("Add", ["conv_out", "offset"], ["Y"]))
-    prepared, _ = prepare_model(model, RewriteOptions())
+    prepared, _ = prepare_model(model)
     assert [n.name for n in prepared.graph.node if n.op_type == "ConstantOfShape"] == ["offset"]
     assert "y_shape" in {t.name for t in prepared.graph.initializer}
     rewritten, _ = rewrite_model(model)

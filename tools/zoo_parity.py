@@ -38,7 +38,7 @@ from fetch_zoo import cache_dir, wheel_folder  # noqa: E402
 
 from onnx_convfc import rewrite_model  # noqa: E402
 from onnx_convfc.bench import bench_models  # noqa: E402
-from onnx_convfc.io import load_model  # noqa: E402
+from onnx_convfc.io import first_line, load_model  # noqa: E402
 from onnx_convfc.parity import check_parity  # noqa: E402
 
 CONV_OPS = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv")
@@ -226,7 +226,7 @@ def check_model(entry: ZooModel, cache: Path, *, runs: int = 1, repeats: int = 1
                                           input_shapes=entry.input_shapes)
         row.rewrite_seconds = time.perf_counter() - started
     except Exception as err:  # noqa: BLE001 - one bad model must not stop the table
-        row.problem = f"rewrite failed: {_first_line(err)}"
+        row.problem = f"rewrite failed: {first_line(err)}"
         return row
     in_model = conv_nodes(original)
     row.total = sum(in_model.values())
@@ -241,7 +241,7 @@ def check_model(entry: ZooModel, cache: Path, *, runs: int = 1, repeats: int = 1
     try:
         parity = check_parity(original, rewritten, runs=runs, per_node=True, **inputs)
     except Exception as err:  # noqa: BLE001
-        row.problem = f"parity check failed to run: {_first_line(err)}"
+        row.problem = f"parity check failed to run: {first_line(err)}"
         return row
     stats = [c.stats for c in parity.outputs if c.stats is not None]
     row.max_abs = max((s.max_abs for s in stats), default=float("nan"))
@@ -280,11 +280,6 @@ def _ratio(value: float) -> str:
 def _number(value: float) -> str:
     """``-`` where nothing was measured (every conv sits in a subgraph)."""
     return "-" if np.isnan(value) else f"{value:.1e}"
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
