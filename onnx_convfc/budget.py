@@ -131,7 +131,7 @@ def _transpose_dense(spec: ConvTransposeSpec, itemsize: int, options: RewriteOpt
     """The matrix (built, then transposed: two copies), bias per output value, tap tables."""
     rows, cols = dense.matrix_shape(spec)
     positions = math.prod(spec.output_spatial())
-    taps = math.prod(spec.kernel)
+    taps = spec.taps
     tables = 4 * 8 * taps * math.prod(spec.input_spatial)
     return (2 * rows * cols + spec.out_channels * positions) * itemsize + tables \
         + FIXED_NODES * NODE_BYTES

@@ -7,6 +7,7 @@ look at node attributes again.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from onnx import NodeProto, helper
@@ -61,6 +62,16 @@ class GroupedGeometry:
     def is_static(self) -> bool:
         return all(s is not None for s in self.input_spatial) and self.pads is not None
 
+    @property
+    def taps(self) -> int:
+        """Number of kernel offsets (product of the kernel shape)."""
+        return math.prod(self.kernel)
+
+    @property
+    def spans(self) -> tuple[int, ...]:
+        """Reach of the dilated kernel per axis: ``(k - 1) * d + 1``."""
+        return tuple((k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations))
+
     def short_parts(self) -> list[str]:
         """Channels, kernel, and strides/dilations where not 1, for report strings."""
         parts = [f"{self.in_channels}->{self.out_channels}", f"k{dims_text(self.kernel)}"]
@@ -80,15 +91,7 @@ class ConvSpec(GroupedGeometry):
     @property
     def extents(self) -> tuple[int, ...]:
         """Span of the dilated kernel minus one, per axis: ``(k - 1) * d``."""
-        return tuple((k - 1) * d for k, d in zip(self.kernel, self.dilations))
-
-    @property
-    def taps(self) -> int:
-        """Number of kernel offsets (product of the kernel shape)."""
-        n = 1
-        for k in self.kernel:
-            n *= k
-        return n
+        return tuple(span - 1 for span in self.spans)
 
     def padded_spatial(self) -> tuple[int, ...] | None:
         if not self.is_static:
@@ -198,16 +201,22 @@ def spatial_of(input_shape: tuple[int | None, ...] | None, rank: int) -> tuple[i
     return tuple(input_shape[2:])
 
 
-def bias_input(node: NodeProto) -> str | None:
-    return node.input[2] if len(node.input) > 2 and node.input[2] else None
+def bias_input(node: NodeProto, index: int | None = 2) -> str | None:
+    """The bias input's name, ``None`` when absent (or when the op has none: ``index=None``)."""
+    if index is None:
+        return None
+    return node.input[index] if len(node.input) > index and node.input[index] else None
 
 
 def conv_spec(
     node: NodeProto,
     weight_shape: tuple[int, ...],
     input_shape: tuple[int | None, ...] | None,
+    weight_index: int = 1,
+    bias_index: int | None = 2,
 ) -> ConvSpec:
     """Build the ``ConvSpec`` of a Conv node from its weight shape and (maybe) input shape.
+    The quantized convs give their own weight and bias positions.
 
     ``input_shape`` is the full ``[N, C, spatial...]`` shape with ``None`` for unknown
     dims, or ``None`` when even the rank is unknown (the weight gives the rank then).
@@ -240,8 +249,8 @@ def conv_spec(
     spec = ConvSpec(
         name=node.name,
         input=node.input[0],
-        weight=node.input[1],
-        bias=bias_input(node),
+        weight=node.input[weight_index],
+        bias=bias_input(node, bias_index),
         output=node.output[0],
         in_channels=in_channels,
         out_channels=out_channels,

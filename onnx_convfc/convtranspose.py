@@ -48,11 +48,6 @@ class ConvTransposeSpec(GroupedGeometry):
     output_padding: tuple[int, ...]
     output_shape: tuple[int, ...] | None
 
-    @property
-    def spans(self) -> tuple[int, ...]:
-        """Reach of the dilated kernel per axis: ``(k - 1) * d + 1``."""
-        return tuple((k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations))
-
     def output_spatial(self) -> tuple[int | None, ...]:
         """Output spatial sizes; ``None`` where not known statically."""
         if self.output_shape is not None:

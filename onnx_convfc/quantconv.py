@@ -7,7 +7,7 @@ Per-tensor operands hold one element; the weight's may hold one per output chann
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from onnx import NodeProto
@@ -58,7 +58,7 @@ def conv_integer_spec(node: NodeProto, weight_shape: tuple[int, ...],
     Raises:
         SpecError: when attributes or operand shapes are invalid.
     """
-    conv = replace(conv_spec(node, weight_shape, input_shape), bias=None)
+    conv = conv_spec(node, weight_shape, input_shape, bias_index=None)
     spec = QuantConvSpec(conv, operands.get("x_zero_point"), operands.get("w_zero_point"))
     _check(spec, operands)
     return spec
@@ -72,8 +72,7 @@ def qlinear_conv_spec(node: NodeProto, weight_shape: tuple[int, ...],
     Raises:
         SpecError: when attributes or operand shapes are invalid.
     """
-    bias = node.input[8] if len(node.input) > 8 and node.input[8] else None
-    conv = replace(conv_spec(node, weight_shape, input_shape), weight=node.input[3], bias=bias)
+    conv = conv_spec(node, weight_shape, input_shape, weight_index=3, bias_index=8)
     spec = QuantConvSpec(conv, operands["x_zero_point"], operands["w_zero_point"],
                          operands["x_scale"], operands["w_scale"], operands["y_scale"],
                          operands["y_zero_point"])

@@ -177,7 +177,7 @@ def _phase_weight(ops: Operands, weight: Operand, spec: ConvTransposeSpec,
     split as ``[s..., M/g]`` and the phases interleave channels-last.
     """
     g, cg, mg = spec.group, spec.in_per_group, spec.out_per_group
-    taps = int(np.prod(spec.kernel))
+    taps = spec.taps
     table = tap_table(spec, axes)
     w = ops.reshape(weight, (g, cg, mg, taps), "taps")
     w = ops.transpose(w, (0, 3, 2, 1), "taps_first")                # [g, taps, Mg, Cg]
