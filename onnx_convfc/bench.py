@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
-from .io import InputError, first_line, load_model, save_text
+from .io import InputError, first_line, model_of, save_text
 from .parity import add_provider_args, resolve_providers, short_name
 from .profile import LoweringProfile, lowerings_from_json, profile_by_lowering
 from .report import Report
@@ -226,7 +226,7 @@ def bench_models(original: onnx.ModelProto | str | os.PathLike,
     if repeats < 1 or warmup < 0 or min_seconds < 0:
         raise InputError("--repeats must be >= 1, --warmup and --min-seconds >= 0")
     full_names = resolve_providers(providers)
-    models = {"original": _as_model(original), "rewritten": _as_model(rewritten)}
+    models = {"original": model_of(original), "rewritten": model_of(rewritten)}
     plan = plan_feeds(models["original"], seed=seed, input_shapes=input_shapes,
                       input_values=input_values, inputs_npz=inputs_npz)
     feeds = plan.feeds(0)
@@ -284,10 +284,6 @@ def bench_kwargs(args: argparse.Namespace) -> dict:
     return dict(input_kwargs(args), providers=args.providers, threads=args.threads,
                 repeats=args.repeats, warmup=args.warmup, min_seconds=args.min_seconds,
                 profile=args.profile or lowerings is not None, lowerings=lowerings)
-
-
-def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else load_model(model)
 
 
 def _label(given, role: str) -> str:

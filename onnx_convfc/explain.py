@@ -19,8 +19,8 @@ from onnx import ModelProto
 
 from .conv import ConvSpec, SpecError, conv_spec
 from .convtranspose import ConvTransposeSpec
-from .families import FAMILIES
-from .graphs import STANDARD_DOMAINS, constant_array, constants, inferred_shapes, scoped_graphs
+from .families import FAMILIES, is_conv
+from .graphs import constant_array, constants, inferred_shapes, scoped_graphs
 from .inputs import check_input_shapes
 from .lowering import convtranspose_dense
 from .lowering.dense import matrix_shape
@@ -179,7 +179,7 @@ def find_convs(model: ModelProto, options: RewriteOptions) -> list[ConvEntry]:
     entries = []
     for graph, scope in scoped_graphs(model.graph):
         for node in graph.node:
-            if node.op_type in FAMILIES and node.domain in STANDARD_DOMAINS:
+            if is_conv(node):
                 entries.append(_entry(node, scope, consts, shapes))
     return entries
 

@@ -16,6 +16,7 @@ from onnx import NodeProto
 
 from .conv import conv_spec
 from .convtranspose import conv_transpose_spec
+from .graphs import STANDARD_DOMAINS
 from .lowering import (
     AUTO_ORDER,
     CONV_INTEGER_LOWERINGS,
@@ -98,3 +99,8 @@ FAMILIES: dict[str, Family] = {f.op_type: f for f in (
            auto_order=tuple(QLINEAR_CONV_LOWERINGS), runtime=tuple(QLINEAR_CONV_LOWERINGS),
            float_weights=False),
 )}
+
+
+def is_conv(node: NodeProto) -> bool:
+    """An op of the conv family: Conv, ConvTranspose, ConvInteger, QLinearConv."""
+    return node.op_type in FAMILIES and node.domain in STANDARD_DOMAINS

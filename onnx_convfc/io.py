@@ -394,6 +394,11 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def model_of(given: ModelProto | str | os.PathLike) -> ModelProto:
+    """``given`` itself when it is a model, else the model loaded from that path."""
+    return given if isinstance(given, ModelProto) else load_model(given)
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an error's message, or its type's name when the message is empty."""
     text = str(err).strip().splitlines()

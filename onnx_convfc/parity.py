@@ -24,10 +24,10 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoPro
 from onnx.reference import ReferenceEvaluator
 
 from .batchnorm import is_batchnorm
-from .families import FAMILIES
-from .graphs import STANDARD_DOMAINS, graphs
+from .families import is_conv
+from .graphs import graphs
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
-from .io import InputError, first_line, load_model, save_text
+from .io import InputError, first_line, model_of, save_text
 
 RULE = ("|rewritten - original| <= atol + rtol * |original| for every element; "
         "NaN and Inf pass only where both models produce the same one")
@@ -346,7 +346,7 @@ def conv_probes(original: ModelProto, rewritten: ModelProto
     probes: list[ConvProbe] = []
     unexposed: list[tuple[str, str]] = []
     for node in original.graph.node:
-        if _is_conv(node):
+        if is_conv(node):
             name, tensor = node.name or node.output[0], node.output[0]
             detail = None
             bn = batchnorms.get(tensor)
@@ -359,7 +359,7 @@ def conv_probes(original: ModelProto, rewritten: ModelProto
                 unexposed.append((name, f"output '{tensor}' is not computed in the rewritten "
                                         "main graph"))
             else:
-                kept = _is_conv(producer)
+                kept = is_conv(producer)
                 probes.append(ConvProbe(name, tensor, not kept,
                                         f"kept as {producer.op_type}" if kept else detail))
         for where, inner in _subgraph_convs(node):
@@ -367,7 +367,7 @@ def conv_probes(original: ModelProto, rewritten: ModelProto
                               f"inside {where}: subgraph values cannot be model outputs"))
     for function in original.functions:
         for inner in function.node:
-            if _is_conv(inner):
+            if is_conv(inner):
                 unexposed.append((inner.name or inner.output[0],
                                   f"inside function {function.domain}.{function.name}: "
                                   "function values cannot be model outputs"))
@@ -385,11 +385,6 @@ def _sole_batchnorm_readers(model: ModelProto) -> dict[str, NodeProto]:
             if is_batchnorm(n) and n.input and readers[n.input[0]] == 1}
 
 
-def _is_conv(node: NodeProto) -> bool:
-    """An op of the conv family (``families.py``): Conv, ConvTranspose, ConvInteger, ..."""
-    return node.op_type in FAMILIES and node.domain in STANDARD_DOMAINS
-
-
 def _subgraph_convs(node: NodeProto) -> Iterator[tuple[str, NodeProto]]:
     for attr in node.attribute:
         graphs: list[GraphProto] = [attr.g] if attr.type == AttributeProto.GRAPH else []
@@ -397,7 +392,7 @@ def _subgraph_convs(node: NodeProto) -> Iterator[tuple[str, NodeProto]]:
         where = f"{node.op_type} '{node.name or node.output[0]}' {attr.name}"
         for graph in graphs:
             for inner in graph.node:
-                if _is_conv(inner):
+                if is_conv(inner):
                     yield where, inner
                 yield from _subgraph_convs(inner)
 
@@ -698,9 +693,8 @@ def _compare_on(full: str, sources: tuple, outputs: list[str], probes: list[Conv
 
 
 def _load(model: ModelProto | str | os.PathLike, role: str) -> tuple[ModelProto, str]:
-    if isinstance(model, ModelProto):
-        return model, f"{role} model"
-    return load_model(model), str(model)
+    label = f"{role} model" if isinstance(model, ModelProto) else str(model)
+    return model_of(model), label
 
 
 def _source(given, model: ModelProto, modified: bool) -> str | bytes:

@@ -35,9 +35,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .families import FAMILIES
-from .graphs import STANDARD_DOMAINS, graphs, inferred_shapes
-from .io import InputError, load_model
+from .families import FAMILIES, is_conv
+from .graphs import graphs, inferred_shapes
+from .io import InputError, model_of
 from .report import Report
 
 MARKER = "/convfc/"  # between a conv's name and what its lowering emitted (emit.py)
@@ -216,7 +216,7 @@ def profile_by_lowering(original: onnx.ModelProto | str | os.PathLike,
     ``lowerings``: the rewrite's report, or conv name -> lowering (``lowerings_from_json``);
     without it each lowered conv is its own row.
     """
-    original, rewritten = _as_model(original), _as_model(rewritten)
+    original, rewritten = model_of(original), model_of(rewritten)
     before = profile_nodes(original, feeds, threads=threads, runs=runs, provider=provider)
     after = profile_nodes(rewritten, feeds, threads=threads, runs=runs, provider=provider)
     return break_down(original, rewritten, before, after, lowerings=lowerings,
@@ -347,7 +347,7 @@ class _Origins:
         self.others: dict[str, str] = {}
         for node in nodes:
             name = node.name or (node.output[0] if node.output else "")
-            if node.op_type in FAMILIES and node.domain in STANDARD_DOMAINS:
+            if is_conv(node):
                 weight = _input(node, FAMILIES[node.op_type].weight)
                 self.convs[name] = conv_kind(node, shapes.get(weight))
             elif node.op_type == "BatchNormalization":
@@ -440,10 +440,6 @@ class _Index:
 
 def _input(node: onnx.NodeProto, index: int) -> str:
     return node.input[index] if index < len(node.input) else ""
-
-
-def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else load_model(model)
 
 
 def _sorted(ops: Mapping[str, float]) -> Ops:

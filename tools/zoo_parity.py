@@ -38,10 +38,10 @@ from fetch_zoo import cache_dir, wheel_folder  # noqa: E402
 
 from onnx_convfc import rewrite_model  # noqa: E402
 from onnx_convfc.bench import bench_models  # noqa: E402
+from onnx_convfc.families import is_conv  # noqa: E402
 from onnx_convfc.io import first_line, load_model  # noqa: E402
 from onnx_convfc.parity import check_parity  # noqa: E402
 
-CONV_OPS = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv")
 ONNX_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 CLASSICS = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
             "shufflenet", "squeezenet", "vgg19", "zfnet512")
@@ -160,8 +160,7 @@ def conv_nodes(model: ModelProto) -> Counter:
     """Conv-like nodes by op type, in every graph, subgraph and local function."""
     found: Counter = Counter()
     for graph_nodes in _node_lists(model):
-        found.update(n.op_type for n in graph_nodes
-                     if n.op_type in CONV_OPS and n.domain in ("", "ai.onnx"))
+        found.update(n.op_type for n in graph_nodes if is_conv(n))
     return found
 
 
