@@ -134,8 +134,7 @@ def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
                  em: Emitter) -> None:
     r, c, m = spec.rank, spec.in_channels, spec.out_channels
     mult = m // c
-    x = em.op("Transpose", [spec.input], "to_channels_last", perm=[0, *range(2, r + 2), 1])
-    x = pad_input(spec, em, x, 1)
+    x = _padded_channels_last(spec, em)
     pixels = int(np.prod(spec.padded_spatial()))
     unit = [1] if mult > 1 else []
     x = em.op("Reshape", [x, em.ints("pixels_shape", [0, pixels, c, *unit])], "flatten_pixels")
@@ -161,8 +160,23 @@ def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
             pieces.append(_reduce_sum(em, terms, 1 + r, f"sum_taps_{tag}"))  # [N, o.., C(, m)]
         sums.append(pieces[0] if len(pieces) == 1 else
                     em.op("Concat", pieces, f"columns_{i}", axis=2))
-    y = sums[0] if len(sums) == 1 else em.op("Concat", sums, "positions", axis=1)
-    if mult > 1:
+    _channels_first(spec, em, sums[0] if len(sums) == 1 else
+                    em.op("Concat", sums, "positions", axis=1), bias)
+
+
+def _padded_channels_last(spec: ConvSpec, em: Emitter) -> str:
+    """``[N, C, sp...]`` -> padded ``[N, sp..., C]``."""
+    r = spec.rank
+    x = em.op("Transpose", [spec.input], "to_channels_last", perm=[0, *range(2, r + 2), 1])
+    return pad_input(spec, em, x, 1)
+
+
+def _channels_first(spec: ConvSpec, em: Emitter, y: str, bias: Operand | None) -> None:
+    """Channels-last ``y`` (``[N, out..., C, mult]`` with a multiplier) plus the bias, as
+    ``spec.output`` ``[N, M, out...]``."""
+    r, m = spec.rank, spec.out_channels
+    if m != spec.in_channels:
+        out = [int(o) for o in spec.output_spatial()]
         y = em.op("Reshape", [y, em.ints("out_shape", [0, *out, m])], "merge_multiplier")
     if bias is not None:
         y = em.op("Add", [y, Operands(em).name(bias, "bias")], "AddBias")
@@ -206,11 +220,9 @@ def _rows_shift_add_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | Non
     """Channels-last, static sizes: Transpose, Pad, then per run of output rows a Slice of
     the rows it reads, a Slice per tap, Mul by the tap's row of scales, Add chain; Concat,
     bias Add, Transpose back."""
-    r, c, m = spec.rank, spec.in_channels, spec.out_channels
-    mult = m // c
-    x = em.op("Transpose", [spec.input], "to_channels_last", perm=[0, *range(2, r + 2), 1])
-    x = pad_input(spec, em, x, 1)
-    if mult > 1:  # [N, sp..., C] -> [N, sp..., C, 1]
+    c, m = spec.in_channels, spec.out_channels
+    x = _padded_channels_last(spec, em)
+    if m != c:  # [N, sp..., C] -> [N, sp..., C, 1]
         padded = [int(p) for p in spec.padded_spatial()]
         x = em.op("Reshape", [x, em.ints("unit_shape", [0, *padded, c, 1])],
                   "add_multiplier_axis")
@@ -221,14 +233,8 @@ def _rows_shift_add_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | Non
         rows = _input_rows(spec, em, x, 1, start, stop, i) if len(starts) > 1 else x
         sums.append(_shift_add(spec, em, rows, 1, scales, None,
                                f"_{i}" if len(starts) > 1 else ""))
-    y = sums[0] if len(sums) == 1 else em.op("Concat", sums, "rows", axis=1)
-    if mult > 1:
-        out = [int(o) for o in spec.output_spatial()]
-        y = em.op("Reshape", [y, em.ints("out_shape", [0, *out, m])], "merge_multiplier")
-    if bias is not None:
-        y = em.op("Add", [y, Operands(em).name(bias, "bias")], "AddBias")
-    em.op("Transpose", [y], "to_channels_first", output=spec.output,
-          perm=[0, r + 1, *range(1, r + 1)])
+    _channels_first(spec, em, sums[0] if len(sums) == 1 else
+                    em.op("Concat", sums, "rows", axis=1), bias)
 
 
 def shift_add_chunks(spec: ConvSpec, itemsize: int) -> range:
