@@ -115,6 +115,13 @@ class Emitter:
     def ints(self, what: str, values: Sequence[int]) -> str:
         return self.const(what, np.asarray(values, dtype=np.int64))
 
+    def declare(self, name: str, dtype: np.dtype, rank: int) -> None:
+        """Record the dtype and rank of tensor ``name`` in the graph's value_info, for a
+        tensor whose rank shape inference cannot tell (a Reshape to a run-time shape)."""
+        if self.pool.holder is not None:
+            self.pool.holder.value_info.append(helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [None] * rank))
+
     def fresh(self, what: str) -> str:
         """A new name ``<conv>/convfc/<what>``, unique in the model, for a tensor or node."""
         return self.pool.names.take(f"{self.prefix}/{what}")

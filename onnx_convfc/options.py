@@ -85,8 +85,9 @@ class RewriteOptions:
                 "reach their weights too; more nodes, slower on onnxruntime"})
     weight_left: bool = field(default=False, metadata={
         "action": "store_true",
-        "help": "pointwise convs over at least 28x28 pixels become W @ X on channels-first "
-                "pixels, with no Transposes (measured faster there on onnxruntime); the "
+        "help": "pointwise convs over at least 28x28 pixels or with at most 256 channels, "
+                "and convs over fewer than 16 channels, become W @ X on channels-first pixels "
+                "or patches, with no Transposes (measured faster there on onnxruntime); the "
                 "weight is then MatMul's A, which B-only quantizers (MatMulNBits) skip"})
     max_dense_bytes: int = field(default=64 * 2**20, metadata={
         "parse": parse_bytes, "metavar": "SIZE",

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_convfc.lowering.pointwise import WEIGHT_LEFT_NODE
+from onnx_convfc.lowering.patches import WEIGHT_LEFT_NODE
 
 
 def onnx_same_pads(size: int, kernel: int, stride: int, dilation: int,

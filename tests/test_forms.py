@@ -21,7 +21,7 @@ import pytest
 from convfamily import node_model
 from convfamily import run as run_node
 from convmodels import conv_model, random_conv, session
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnx_convfc import rewrite_model
 from onnx_convfc.conv import conv_spec
@@ -39,6 +39,7 @@ FORMS = {
     "dw_gather": ({"Gather", "Mul", "ReduceSum"}, {"MatMul", "Slice"}),
     "dw_shift_add": ({"Mul"}, {"MatMul", "Gather", "ReduceSum"}),
     "weight_left": ({"MatMul", "Reshape"}, {"Transpose", "Gather", "Slice"}),
+    "weight_left_patches": ({"Slice", "MatMul", "Reshape"}, {"Transpose", "Gather"}),
     "fc_pointwise": ({"Transpose", "MatMul"}, {"Gather", "Concat"}),
 }
 
@@ -126,15 +127,25 @@ CASES = [
     Case("dw-c4-1x1-no-bias", "dw_shift_add", 4, 4, (1, 1), (5, 5), dict(group=4), bias=False),
     Case("dw-c128-dynamic", "dw_shift_add", 128, 128, (3, 3), (6, 6),
          dict(group=128, strides=[2, 2]), mode="dyn_all"),
-    # --weight-left: W @ X over channels-first pixels where there are enough of them
+    # --weight-left: W @ X over channels-first pixels or patches
     Case("1x1-weight-left", "weight_left", 16, 24, (1, 1), (28, 30),
          options=dict(weight_left=True)),
     Case("1x1-weight-left-dyn-batch-fp16", "weight_left", 8, 4, (1, 1), (30, 30),
          mode="dyn_batch", bias=False, dtype=np.float16, options=dict(weight_left=True)),
     Case("1d-weight-left-valid", "weight_left", 4, 6, (1,), (800,), dict(auto_pad="VALID"),
          options=dict(weight_left=True)),
-    Case("1x1-weight-left-too-small", "fc_pointwise", 16, 8, (1, 1), (27, 28),
+    Case("1x1-weight-left-few-channels", "weight_left", 16, 8, (1, 1), (7, 5),
+         mode="dyn_batch", options=dict(weight_left=True)),
+    Case("1x1-weight-left-wide-and-small", "fc_pointwise", 260, 8, (1, 1), (27, 28),
          options=dict(weight_left=True)),
+    Case("im2col-weight-left-channels-first", "weight_left_patches", 3, 8, (3, 3), (17, 19),
+         dict(strides=[2, 1], pads=[1, 0, 1, 2]), mode="dyn_batch",
+         options=dict(weight_left=True)),
+    Case("im2col-weight-left-1d-same", "weight_left_patches", 5, 4, (5,), (40,),
+         dict(auto_pad="SAME_UPPER", strides=[3]), bias=False, dtype=np.float16,
+         options=dict(weight_left=True)),
+    Case("im2col-weight-left-dynamic-sizes", "channels_first", 3, 8, (3, 3), (17, 19),
+         mode="dyn_all", options=dict(weight_left=True)),
     Case("1x1-weight-left-strided", "fc_pointwise", 16, 8, (1, 1), (60, 60), dict(strides=[2, 2]),
          options=dict(weight_left=True)),
     Case("1x1-weight-left-dynamic", "fc_pointwise", 16, 8, (1, 1), (30, 30), mode="dyn_all",
@@ -327,15 +338,15 @@ def _optimized_ops(model: onnx.ModelProto, tmp_path) -> list[str]:
     return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
 
 
-@pytest.mark.parametrize("pinned", [False, True])
-def test_bias_add_fuses_into_gemm_with_a_symbolic_batch(pinned, tmp_path, close):
+@pytest.mark.parametrize(("pinned", "opset"), [(False, 17), (True, 17), (True, 11)])
+def test_bias_add_fuses_into_gemm_with_a_symbolic_batch(pinned, opset, tmp_path, close):
     """A 2-D MatMul + Add, which onnxruntime fuses into Gemm; with sizes static only through
     --input-shape the form still serves other sizes and an empty batch (the result's shape
-    is read at run time)."""
+    is read at run time, also before Reshape had allowzero: PP-OCR's opsets 11 and 12)."""
     rng = np.random.default_rng(5)
     w, b = random_conv(rng, 16, 8, (1, 1), 1, True, np.float32)
     dims = ["N", 16, "H", "W"] if pinned else ["N", 16, 64, 64]
-    model = conv_model((1, 16, 64, 64), w, b, dims=dims)
+    model = conv_model((1, 16, 64, 64), w, b, dims=dims, opset=opset)
     shapes = [("X", (1, 16, 64, 64))] if pinned else []
     rewritten, _ = rewrite_model(model, input_shapes=shapes)
     assert ("Shape" in {n.op_type for n in rewritten.graph.node}) == pinned
@@ -343,6 +354,33 @@ def test_bias_add_fuses_into_gemm_with_a_symbolic_batch(pinned, tmp_path, close)
     assert "Gemm" in ops and "Add" not in ops and "MatMul" not in ops, ops
     sizes = [(1, 16, 64, 64), (0, 16, 64, 64)] + ([(2, 16, 30, 20)] if pinned else [])
     for shape in sizes:
+        x = rng.standard_normal(shape).astype(np.float32)
+        close(session(rewritten).run(None, {"X": x})[0], session(model).run(None, {"X": x})[0],
+              1e-4, f"input {shape}")
+
+
+def test_transposes_cancel_across_a_broadcast_mul_between_pinned_gemms(tmp_path, close):
+    """With sizes pinned by --input-shape the GEMM's result is reshaped at run time; its rank
+    is declared, or onnxruntime cannot move the Transposes across ``x * scale`` and keeps one
+    per tap of the next conv (PP-OCRv4 det)."""
+    rng = np.random.default_rng(11)
+    w1, b1 = random_conv(rng, 64, 64, (1, 1), 1, True, np.float32)
+    w2, b2 = random_conv(rng, 64, 64, (3, 3), 64, True, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["X", "W1", "B1"], ["a"], name="pointwise"),
+         helper.make_node("Mul", ["scale", "a"], ["b"]),
+         helper.make_node("Conv", ["b", "W2", "B2"], ["Y"], name="depthwise", group=64,
+                          pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 64, "H", "W"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 64, "H", "W"])],
+        [numpy_helper.from_array(v, k) for k, v in
+         dict(W1=w1, B1=b1, W2=w2, B2=b2, scale=np.array([0.5], np.float32)).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    rewritten, _ = rewrite_model(model, input_shapes=[("X", (1, 64, 40, 40))])
+    onnx.checker.check_model(rewritten, full_check=True)
+    ops = _optimized_ops(rewritten, tmp_path)
+    assert "Gemm" in ops and ops.count("Transpose") == 2, ops
+    for shape in [(1, 64, 40, 40), (2, 64, 40, 40), (0, 64, 40, 40)]:
         x = rng.standard_normal(shape).astype(np.float32)
         close(session(rewritten).run(None, {"X": x})[0], session(model).run(None, {"X": x})[0],
               1e-4, f"input {shape}")

@@ -85,7 +85,8 @@ def rewrite_seconds(path: Path, out: Path, options: RewriteOptions,
 def rewrite_memory(path: Path, out: Path, options: RewriteOptions) -> dict:
     """Peak RSS of a rewrite in a fresh interpreter, in MiB, with its post-import baseline."""
     fields = {"method": options.method, "only": list(options.only), "skip": list(options.skip),
-              "input_shapes": [[n, list(s)] for n, s in options.input_shapes]}
+              "input_shapes": [[n, list(s)] for n, s in options.input_shapes],
+              "weight_left": options.weight_left}
     done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path), str(out),
                            json.dumps(fields)], capture_output=True, text=True, check=True)
     kib = json.loads(done.stdout.strip().splitlines()[-1])
@@ -99,7 +100,8 @@ def measure(path: Path, options: RewriteOptions, args: argparse.Namespace) -> di
         input_shapes=tuple(s for s in options.input_shapes if s[0] in inputs))
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / (path.stem + ".convfc.onnx")
-        row: dict = {"model": str(path), "method": options.method}
+        row: dict = {"model": str(path), "method": options.method,
+                     "weight_left": options.weight_left}
         row["rewrite_s"], report = rewrite_seconds(path, out, options, args.io_repeats)
         row["io_input_s"] = io_seconds(path, Path(folder) / "in_copy.onnx", args.io_repeats)
         row["io_output_s"] = io_seconds(out, Path(folder) / "out_copy.onnx", args.io_repeats)
@@ -125,7 +127,8 @@ def measure(path: Path, options: RewriteOptions, args: argparse.Namespace) -> di
 def show(row: dict) -> None:
     mem = row["memory"]
     io = max(row["io_input_s"], row["io_output_s"])
-    print(f"\n{row['model']}  (--method {row['method']})")
+    left = " --weight-left" if row.get("weight_left") else ""
+    print(f"\n{row['model']}  (--method {row['method']}{left})")
     print(f"  rewrite {row['rewrite_s']:.3f} s; load+save {row['io_input_s']:.3f} s (input), "
           f"{row['io_output_s']:.3f} s (output): {row['rewrite_s'] / io:.2f}x the larger "
           "(target <= 1.5)")
@@ -152,6 +155,8 @@ def main() -> int:
                         help="models bundled with the onnx package, e.g. resnet50 squeezenet")
     parser.add_argument("--method", default="auto", choices=METHODS)
     parser.add_argument("--only", action="append", default=[], metavar="GLOB|LOWERING")
+    parser.add_argument("--weight-left", action="store_true",
+                        help="the rewrite option of that name (weight as MatMul's A)")
     parser.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
                         type=parse_input_shape, metavar="NAME:DxD..")
     parser.add_argument("--threads", type=parse_threads, default=(DEFAULT_THREADS, 1),
@@ -169,7 +174,7 @@ def main() -> int:
         print(f"bench: no such model: {', '.join(missing) or '(none given)'}", file=sys.stderr)
         return 2
     options = RewriteOptions(method=args.method, only=tuple(args.only),
-                             input_shapes=tuple(args.input_shapes))
+                             input_shapes=tuple(args.input_shapes), weight_left=args.weight_left)
     rows = []
     for path in paths:
         try:
