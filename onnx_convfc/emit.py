@@ -52,6 +52,7 @@ class ConstantPool:
         self.names = names
         self.holder = holder
         self.constant_nodes: list[NodeProto] = []
+        self.stored_bytes = 0  # of the constants stored, each once
         self._by_key: dict[tuple, list[tuple[str, TensorProto]]] = {}
 
     def add(self, wanted: str, array: np.ndarray) -> str:
@@ -72,6 +73,7 @@ class ConstantPool:
             self.constant_nodes.append(node)
             tensor = node.attribute[0].t
         stored.append((name, tensor))
+        self.stored_bytes += array.nbytes
         return name
 
 
@@ -105,12 +107,14 @@ class Emitter:
         self.options = options or RewriteOptions()
         self.opset = opset  # the default domain's; None when unknown (opset-neutral ops only)
         self.nodes: list[NodeProto] = []
-        self.const_bytes = 0
+        self.const_bytes = 0  # of the constants this conv added to the model
 
     def const(self, what: str, array: np.ndarray) -> str:
         """Store ``array`` (shared with identical constants) and return its name."""
-        self.const_bytes += array.nbytes
-        return self.pool.add(f"{self.prefix}/{what}", array)
+        before = self.pool.stored_bytes
+        name = self.pool.add(f"{self.prefix}/{what}", array)
+        self.const_bytes += self.pool.stored_bytes - before
+        return name
 
     def ints(self, what: str, values: Sequence[int]) -> str:
         return self.const(what, np.asarray(values, dtype=np.int64))

@@ -21,7 +21,7 @@ class ConvRow:
     lowering: str | None
     reason: str | None
     weight_bytes_before: int
-    weight_bytes_after: int
+    weight_bytes_after: int  # constants the lowering added; one shared counts where first added
     note: str | None = None  # why the lowering differs from the requested --method
     # "runtime" when the weight, bias or a quantization parameter is computed by the graph:
     # the lowered form reshapes it with nodes, so a weight-only quantizer cannot take it

@@ -268,13 +268,18 @@ def test_depthwise_shift_add_sums_per_run_of_rows():
     """16 channels @200x96: 6 KiB of output per row, so runs of 170 and 30 rows, each a Slice
     of the padded input's rows and nine taps."""
     (case,) = [c for c in CASES if c.id == "dw-c16-shift-add-chunks"]
-    rewritten, _ = rewrite_model(_model(case))
+    model = _model(case)
+    rewritten, report = rewrite_model(model)
     names = [n.name for n in rewritten.graph.node]
     assert sum("/rows_" in n for n in names) == 2
     assert sum("/tap_" in n for n in names) == 2 * 9
     inits = {t.name: numpy_helper.to_array(t) for t in rewritten.graph.initializer}
     ends = sorted(int(inits[n.input[2]][0]) for n in rewritten.graph.node if "/rows_" in n.name)
     assert ends == [170 + 2, 200 + 2]
+    # both runs read the same nine scale constants, counted once in the report
+    added = sum(a.nbytes for name, a in inits.items()
+                if name not in {t.name for t in model.graph.initializer})
+    assert report.rows[0].weight_bytes_after == added
 
 
 def test_im2col_gathers_and_multiplies_per_chunk_of_rows():

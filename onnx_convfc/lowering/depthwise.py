@@ -203,7 +203,7 @@ def _shift_add_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
     per_channel = (c, mult) if mult > 1 else (c,)
     scales = _tap_scales(spec, weight).reshape(spec.taps, *per_channel, *[1] * r)
     merge = mult > 1
-    y = _shift_add(spec, em, x, first_axis, scales,
+    y = _shift_add(spec, em, x, first_axis, _scale_constants(spec, em, scales),
                    spec.output if bias is None and not merge else None, "")
     if bias is not None:
         ops = Operands(em)
@@ -226,7 +226,7 @@ def _rows_shift_add_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | Non
         padded = [int(p) for p in spec.padded_spatial()]
         x = em.op("Reshape", [x, em.ints("unit_shape", [0, *padded, c, 1])],
                   "add_multiplier_axis")
-    scales = _row_scales(spec, _tap_scales(spec, weight), axis=1)
+    scales = _scale_constants(spec, em, _row_scales(spec, _tap_scales(spec, weight), axis=1))
     starts = shift_add_chunks(spec, weight.dtype.itemsize)
     sums = []
     for i, (start, stop) in enumerate(runs(starts)):
@@ -273,15 +273,23 @@ def _input_rows(spec: ConvSpec, em: Emitter, x: str, first_axis: int, start: int
                  f"rows_{i}")
 
 
-def _shift_add(spec: ConvSpec, em: Emitter, x: str, first_axis: int, scales: np.ndarray,
+def _tap_tags(spec: ConvSpec) -> list[str]:
+    return ["x".join(map(str, o)) for o in itertools.product(*map(range, spec.kernel))]
+
+
+def _scale_constants(spec: ConvSpec, em: Emitter, scales: np.ndarray) -> list[str]:
+    """Each tap's scales as a constant, stored once for every run of rows that reads it."""
+    return [em.const(f"scale_{tag}", tap) for tag, tap in zip(_tap_tags(spec), scales)]
+
+
+def _shift_add(spec: ConvSpec, em: Emitter, x: str, first_axis: int, scales: list[str],
                output: str | None, suffix: str) -> str:
     """Sum over the kernel offsets of each offset's strided Slice of ``x`` times its
-    per-channel scale."""
-    tags = ["x".join(map(str, o)) for o in itertools.product(*map(range, spec.kernel))]
+    per-channel scale (``scales``: one constant per tap)."""
     y = None
-    for tap, (piece, tag) in enumerate(zip(tap_slices(spec, em, x, first_axis, suffix), tags)):
+    pieces = tap_slices(spec, em, x, first_axis, suffix)
+    for tap, (piece, tag, scale) in enumerate(zip(pieces, _tap_tags(spec), scales)):
         out = output if tap == spec.taps - 1 else None
-        scale = em.const(f"scale_{tag}", scales[tap])
         if y is None:
             y = em.op("Mul", [piece, scale], f"scale_{tag}{suffix}", output=out)
         else:
