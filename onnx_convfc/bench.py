@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
 from .io import InputError, first_line, model_of, save_text
-from .parity import add_provider_args, resolve_providers, short_name
+from .parity import add_provider_args, resolve_providers, session_options, short_name
 from .profile import LoweringProfile, lowerings_from_json, profile_by_lowering
 from .report import Report
 
@@ -63,11 +63,8 @@ def make_session(model: onnx.ModelProto | str | bytes, threads: int = DEFAULT_TH
 
     ``optimized_path`` saves the graph as onnxruntime runs it, after its own optimisations.
     """
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    so = session_options(threads)
     so.inter_op_num_threads = 1
-    so.log_severity_level = 4  # failures become one-line errors, not log lines
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         so.optimized_model_filepath = optimized_path
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model

@@ -720,12 +720,21 @@ def _check_same_inputs(original: ModelProto, rewritten: ModelProto) -> None:
                          f"rewritten {sorted(b)}")
 
 
-def _session(source: str | bytes, full: str, label: str) -> ort.InferenceSession:
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Quiet (failures become one-line errors, not log lines on stderr) and without spinning:
+    idle onnxruntime threads spin after a run by default, taking the cores from whatever runs
+    next (the numpy compare, the other model's session). ``threads``: intra-op threads, 0 =
+    onnxruntime's choice."""
     options = ort.SessionOptions()
-    options.log_severity_level = 4  # failures become one-line errors, not log lines on stderr
-    # Idle onnxruntime threads spin after a run by default, taking the cores from the numpy
-    # compare (and from the other model's session) that runs next.
+    options.log_severity_level = 4
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def _session(source: str | bytes, full: str, label: str) -> ort.InferenceSession:
+    options = session_options()
     try:
         session = ort.InferenceSession(source, options,
                                        providers=[(full, provider_options(full))])

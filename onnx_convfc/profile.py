@@ -38,6 +38,7 @@ from onnx import helper
 from .families import FAMILIES, is_conv
 from .graphs import graphs, inferred_shapes
 from .io import InputError, model_of
+from .parity import session_options
 from .report import Report
 
 MARKER = "/convfc/"  # between a conv's name and what its lowering emitted (emit.py)
@@ -72,9 +73,7 @@ def profile_nodes(model: onnx.ModelProto | str | bytes, feeds: Mapping[str, np.n
                   provider: str = "CPUExecutionProvider") -> Profiled:
     """Profile ``runs`` runs (after one warm-up) with ``threads`` intra-op threads (0 =
     onnxruntime's choice), and keep the optimised graph for naming what ran."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 4  # failures become one-line errors, not log lines
+    so = session_options(threads)
     so.enable_profiling = True
     with tempfile.TemporaryDirectory() as folder:
         so.profile_file_prefix = str(Path(folder) / "profile")

@@ -26,7 +26,7 @@ from ..convtranspose import ConvTransposeSpec
 from ..emit import Emitter
 from .operands import Operand, Operands, is_runtime, patch_matrix
 from .patches import PatchRows, patch_rows
-from .taps import INT64_MAX, slice_refusal
+from .taps import INT64_MAX, shape_target, slice_refusal
 
 NAME = "subpixel"
 
@@ -207,33 +207,17 @@ def _depth_to_space(spec: ConvTransposeSpec, phase_spec: ConvSpec, em: Emitter, 
         if r > 1:
             y = em.op("Transpose", [y], "interleave",
                       perm=[0] + [1 + a for a in interleave] + [2 * r + 1])
-        merge = _target(em, "merge_shape", [0], merged, rows.grid, 1, [spec.out_channels],
-                        strides)
+        merge = shape_target(em, "merge_shape", [0], merged, rows.grid, 1,
+                             [spec.out_channels], strides)
         y = em.op("Reshape", [y, merge], "merge_phases")
         return em.op("Transpose", [y], "to_channels_first", perm=[0, r + 1, *range(1, r + 1)],
                      output=phase_spec.output)
     # [N, g, J..., s..., M/g] -> [N, g, M/g, J_1, s_1, ...] -> [N, M, O...]
-    split = _target(em, "split_shape", [0, 0], rows_static, rows.grid, 2,
-                    strides + [spec.out_per_group])
+    split = shape_target(em, "split_shape", [0, 0], rows_static, rows.grid, 2,
+                         strides + [spec.out_per_group])
     y = em.op("Reshape", [y, split], "split_phases")
     y = em.op("Transpose", [y], "interleave",
               perm=[0, 1, 2 * r + 2] + [2 + a for a in interleave])
-    merge = _target(em, "merge_shape", [0, spec.out_channels], merged, rows.grid, 2, [],
-                    strides)
+    merge = shape_target(em, "merge_shape", [0, spec.out_channels], merged, rows.grid, 2,
+                         scale=strides)
     return em.op("Reshape", [y, merge], "merge_phases", output=phase_spec.output)
-
-
-def _target(em: Emitter, what: str, head: list[int], dims: tuple[int | None, ...], grid: str,
-            first: int, tail: list[int], scale: list[int] | None = None) -> str:
-    """``head + dims + tail`` as a Reshape target: constant when ``dims`` is static, else
-    ``shape(grid)[first:first + r]`` (times ``scale``) read at run time."""
-    if None not in dims:
-        return em.ints(what, [*head, *dims, *tail])
-    shape = em.op("Shape", [grid], f"{what}_grid")
-    found = em.op("Slice", [shape, em.ints(f"{what}_start", [first]),
-                            em.ints(f"{what}_end", [first + len(dims)])], f"{what}_rows")
-    if scale is not None:
-        found = em.op("Mul", [found, em.ints(f"{what}_scale", scale)], f"{what}_scaled")
-    parts = [em.ints(f"{what}_head", head), found] + ([em.ints(f"{what}_tail", tail)]
-                                                     if tail else [])
-    return em.op("Concat", parts, what, axis=0)

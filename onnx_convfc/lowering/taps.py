@@ -8,6 +8,7 @@ run-time spatial size; Gather indices need static sizes. Run-time shapes are rea
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -169,15 +170,22 @@ def sum_constants(em: Emitter, parts: list[np.ndarray | str], what: str) -> str:
 
 
 def shape_target(em: Emitter, what: str, head: list[int], spatial: tuple[int | None, ...],
-                 tensor: str, start: int = 2) -> str:
-    """``head + spatial`` as a Reshape target: a constant when ``spatial`` is static, else
-    ``spatial`` is read from ``shape(tensor)[start:]`` at run time. The constant also keeps
-    onnxruntime's Reshape fusion from turning the run-time shape into one with ``-1``, which
-    an empty batch cannot resolve."""
+                 tensor: str, start: int = 2, tail: Sequence[int] = (),
+                 scale: Sequence[int] | None = None) -> str:
+    """``head + spatial + tail`` as a Reshape target: a constant when ``spatial`` is static,
+    else ``spatial`` is read from ``shape(tensor)[start:]`` (times ``scale``) at run time.
+    The constant also keeps onnxruntime's Reshape fusion from turning the run-time shape into
+    one with ``-1``, which an empty batch cannot resolve."""
     if None not in spatial:
-        return em.ints(what, [*head, *spatial])
+        return em.ints(what, [*head, *spatial, *tail])
     spatial_dims = runtime_dims(em, tensor, start, start + len(spatial))
-    return em.op("Concat", [em.ints(f"{what}_head", head), spatial_dims], what, axis=0)
+    if scale is not None:
+        spatial_dims = em.op("Mul", [spatial_dims, em.ints(f"{what}_scale", scale)],
+                             f"{what}_scaled")
+    parts = [em.ints(f"{what}_head", head), spatial_dims]
+    if tail:
+        parts.append(em.ints(f"{what}_tail", tail))
+    return em.op("Concat", parts, what, axis=0)
 
 
 def runtime_dims(em: Emitter, tensor: str, start: int, end: int) -> str:
