@@ -20,8 +20,11 @@ quantizers take.
   output's last axis so that their broadcast runs are long; run-time sizes channels-first
   with no Transposes, up to ``taps.MAX_SLICE_TAPS`` taps (larger kernels are refused).
 
-With a channel multiplier the input gets a unit axis (``[.., C, 1]``) that the weight
-``[.., C, mult]`` broadcasts over, and output channel ``c*mult + j`` comes out in place.
+With a channel multiplier the input gets a unit axis that the weight broadcasts over:
+channels-last ``[.., 1, C] * [.., mult, C]`` (so that each broadcast run is C values long,
+not ``mult``: demo_cnn's 32->64 conv took 54 us in its Mul as ``[.., C, 1] * [.., C, mult]``),
+and one small Transpose puts output channel ``c*mult + j`` in place; channels-first
+``[N, C, 1, sp...] * [C, mult, 1...]``, which comes out in place.
 """
 
 from __future__ import annotations
@@ -130,6 +133,12 @@ def _tap_scales(spec: ConvSpec, weight: np.ndarray) -> np.ndarray:
     return scales if mult > 1 else scales[:, :, 0]
 
 
+def _channels_last_scales(spec: ConvSpec, weight: np.ndarray) -> np.ndarray:
+    """``[taps, mult, C]`` (``[taps, C]`` without a multiplier): channels innermost."""
+    scales = _tap_scales(spec, weight)
+    return np.ascontiguousarray(scales.transpose(0, 2, 1)) if scales.ndim == 3 else scales
+
+
 def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
                  em: Emitter) -> None:
     r, c, m = spec.rank, spec.in_channels, spec.out_channels
@@ -137,10 +146,10 @@ def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
     x = _padded_channels_last(spec, em)
     pixels = int(np.prod(spec.padded_spatial()))
     unit = [1] if mult > 1 else []
-    x = em.op("Reshape", [x, em.ints("pixels_shape", [0, pixels, c, *unit])], "flatten_pixels")
+    x = em.op("Reshape", [x, em.ints("pixels_shape", [0, pixels, *unit, c])], "flatten_pixels")
     rows, columns = chunks(spec, weight.dtype.itemsize)
-    scales = _tap_scales(spec, weight)
-    if not columns:  # [W, taps, C(, mult)] (whole models: det 1.82x -> 1.70x, with shift-add's)
+    scales = _channels_last_scales(spec, weight)
+    if not columns:  # [W, taps, (mult,) C] (whole models: det 1.82x -> 1.70x, with shift-add's)
         scales = _row_scales(spec, scales, axis=0)
     scales = em.const("tap_scales", scales)
     parts = index_parts(spec)
@@ -172,11 +181,12 @@ def _padded_channels_last(spec: ConvSpec, em: Emitter) -> str:
 
 
 def _channels_first(spec: ConvSpec, em: Emitter, y: str, bias: Operand | None) -> None:
-    """Channels-last ``y`` (``[N, out..., C, mult]`` with a multiplier) plus the bias, as
+    """Channels-last ``y`` (``[N, out..., mult, C]`` with a multiplier) plus the bias, as
     ``spec.output`` ``[N, M, out...]``."""
     r, m = spec.rank, spec.out_channels
     if m != spec.in_channels:
         out = [int(o) for o in spec.output_spatial()]
+        y = em.op("Transpose", [y], "channel_major", perm=[*range(r + 1), r + 2, r + 1])
         y = em.op("Reshape", [y, em.ints("out_shape", [0, *out, m])], "merge_multiplier")
     if bias is not None:
         y = em.op("Add", [y, Operands(em).name(bias, "bias")], "AddBias")
@@ -222,11 +232,12 @@ def _rows_shift_add_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | Non
     bias Add, Transpose back."""
     c, m = spec.in_channels, spec.out_channels
     x = _padded_channels_last(spec, em)
-    if m != c:  # [N, sp..., C] -> [N, sp..., C, 1]
+    if m != c:  # [N, sp..., C] -> [N, sp..., 1, C]
         padded = [int(p) for p in spec.padded_spatial()]
-        x = em.op("Reshape", [x, em.ints("unit_shape", [0, *padded, c, 1])],
+        x = em.op("Reshape", [x, em.ints("unit_shape", [0, *padded, 1, c])],
                   "add_multiplier_axis")
-    scales = _scale_constants(spec, em, _row_scales(spec, _tap_scales(spec, weight), axis=1))
+    scales = _row_scales(spec, _channels_last_scales(spec, weight), axis=1)
+    scales = _scale_constants(spec, em, scales)
     starts = shift_add_chunks(spec, weight.dtype.itemsize)
     sums = []
     for i, (start, stop) in enumerate(runs(starts)):
@@ -246,7 +257,7 @@ def shift_add_chunks(spec: ConvSpec, itemsize: int) -> range:
 
 
 def _row_scales(spec: ConvSpec, scales: np.ndarray, axis: int) -> np.ndarray:
-    """``[taps, C(, mult)]`` scales repeated along the output's last axis, a new ``axis``
+    """``[taps, (mult,) C]`` scales repeated along the output's last axis, a new ``axis``
     (``[taps, W, C]`` for shift-add, ``[W, taps, C]`` for the Gather form), unless that takes
     over ``TILED_SCALE_BYTES``: onnxruntime broadcasts a channels-last ``[C]`` scale in runs
     of C values (16 @320x320: 1.2 ms a Mul, 0.48 ms in runs of ``W*C``)."""

@@ -120,10 +120,9 @@ def emit_patch_gemm(spec: ConvSpec, weight: Operand, bias: Operand | None,
         y = _matmul_per_group(em, rows.rows, matrix)
     else:
         y = em.op("MatMul", [rows.rows, ops.name(matrix, "weight")])
-    if bias is not None:
-        bias = ops.reshape(bias, (g, 1, spec.out_per_group), "bias_per_group")
-        y = em.op("Add", [y, ops.name(bias, "bias")], "AddBias")
-    to_channels_first(spec, em, y, rows)
+    if bias is not None:  # added channels-first, in runs of L values, not of M/g
+        bias = ops.name(ops.reshape(bias, (g, spec.out_per_group, 1), "bias_per_group"), "bias")
+    to_channels_first(spec, em, y, rows, bias)
 
 
 def takes_weight_left_patches(spec: ConvSpec) -> bool:
@@ -346,14 +345,18 @@ def _flatten_groups(spec: ConvSpec, em: Emitter, patches: str) -> PatchRows:
     return PatchRows(flat, patches)
 
 
-def to_channels_first(spec: ConvSpec, em: Emitter, y: str, rows: PatchRows) -> None:
-    """GEMM result ``y`` (laid out like ``rows``, M/g per group last) -> ``spec.output``."""
+def to_channels_first(spec: ConvSpec, em: Emitter, y: str, rows: PatchRows,
+                      group_bias: str | None = None) -> None:
+    """GEMM result ``y`` (laid out like ``rows``, M/g per group last) -> ``spec.output``;
+    grouped, plus ``group_bias`` (``[g, M/g, 1]``) once the channels are first."""
     r = spec.rank
     if spec.group == 1:
         em.op("Transpose", [y], "to_channels_first", output=spec.output,
               perm=[0, r + 1, *range(1, r + 1)])
         return
     y = em.op("Transpose", [y], "to_channels_first", perm=[0, 1, 3, 2])
+    if group_bias is not None:
+        y = em.op("Add", [y, group_bias], "AddBias")
     out_shape = shape_target(em, "out_shape", [0, spec.out_channels], spec.output_spatial(),
                              rows.grid)
     em.op("Reshape", [y, out_shape], "merge_groups", output=spec.output)
