@@ -47,8 +47,24 @@ FIXED_NODES = 32
 INDEX_BYTES = 12
 
 
+# Values in a declared conv input from which no machine could run the model: 2**36 (256 GiB
+# of float32). onnxruntime's extended optimisations fail with bad_alloc on the lowered form
+# of such a conv (a fuzzed width of 2**40), while the Conv it replaces still loaded.
+MAX_INPUT_VALUES = 1 << 36
+
+
 class BudgetError(ValueError):
-    """The rewrite would add more than ``--max-output-bytes``."""
+    """The rewrite would add more than ``--max-output-bytes``, or read an absurd input."""
+
+
+def check_input_size(spec, conv: str) -> None:
+    """``BudgetError`` for a conv whose declared input holds over ``MAX_INPUT_VALUES``."""
+    geometry = spec.conv if isinstance(spec, QuantConvSpec) else spec
+    values = geometry.in_channels * math.prod(d for d in geometry.input_spatial if d)
+    if values > MAX_INPUT_VALUES:
+        raise BudgetError(f"conv '{conv}' reads an input declared with {values:.1e} values "
+                          "per image, more than any machine holds; its lowered form would not "
+                          f"load in onnxruntime: fix the declared shape, or --skip '{conv}'")
 
 
 def estimate(lowering: ModuleType, spec, itemsize: int, options: RewriteOptions) -> int:

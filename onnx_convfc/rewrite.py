@@ -19,7 +19,7 @@ import numpy as np
 from onnx import FunctionProto, GraphProto, ModelProto, NodeProto
 
 from .batchnorm import Affine, as_affine, emit_affine, fold, is_batchnorm
-from .budget import charge, estimate
+from .budget import charge, check_input_size, estimate
 from .conv import SpecError
 from .emit import ConstantPool, Emitter, NameScope
 from .families import FAMILIES, Family
@@ -222,6 +222,7 @@ def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: 
         return skip(decision.reason)
 
     lowering = lowerings[decision.lowering]
+    check_input_size(spec, name)
     ctx.added_bytes = charge(ctx.added_bytes, estimate(lowering, spec, itemsize, ctx.options),
                              name, decision.lowering, ctx.options.max_output_bytes)
     note = decision.note
