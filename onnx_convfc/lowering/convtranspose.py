@@ -62,9 +62,16 @@ def _axes(spec: ConvTransposeSpec) -> list[_Axis]:
 def applies(spec: ConvTransposeSpec) -> str | None:
     if spec.pads is None:
         return "output_shape is set but an input size is only known at run time"
-    for size, axis in zip(spec.input_spatial, _axes(spec)):
+    ends = spec.window_ends()
+    for i, (size, axis) in enumerate(zip(spec.input_spatial, _axes(spec))):
         if size is not None and size + axis.row_end <= axis.first_row:
             return "the output lies entirely in the padding"
+        # A run-time size up to ``empty`` gives the phase conv no rows; refused where the
+        # original still has output there (output_padding beyond the cropped rows).
+        empty = axis.first_row - axis.row_end
+        if size is None and empty >= 1 and empty * spec.strides[i] + ends[i] > spec.pads[i]:
+            return (f"an input of up to {empty} along axis {i + 2}, whose size is only known "
+                    "at run time, gives an output entirely in the padding")
     return slice_refusal(phase_conv(spec))
 
 
