@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,11 +27,13 @@ import onnxruntime as ort
 
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
 from .io import InputError, first_line, model_of, save_text
-from .parity import add_provider_args, resolve_providers, session_options, short_name
-from .profile import LoweringProfile, lowerings_from_json, profile_by_lowering
+from .parity import add_provider_args, resolve_providers, short_name
+from .profile import LoweringProfile, break_down, lowerings_from_json, profile_nodes
 from .report import Report
+from .sessions import DEFAULT_THREADS, make_session  # the tools import both from here
 
-DEFAULT_THREADS = 0  # onnxruntime's own choice (one per physical core)
+# The ONNX Model Zoo classics bundled in the onnx package (light_<name>.onnx), for the tools.
+LIGHT_MODELS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 
 def thread_label(threads: int) -> str:
@@ -54,21 +57,6 @@ def parse_threads(text: str) -> tuple[int, ...]:
     if not counts:
         raise ValueError("no thread count given (e.g. --threads default,1)")
     return tuple(dict.fromkeys(counts))
-
-
-def make_session(model: onnx.ModelProto | str | bytes, threads: int = DEFAULT_THREADS,
-                 provider: str = "CPUExecutionProvider",
-                 optimized_path: str | None = None) -> ort.InferenceSession:
-    """A session with ``threads`` intra-op threads (0 = onnxruntime's default), no spinning.
-
-    ``optimized_path`` saves the graph as onnxruntime runs it, after its own optimisations.
-    """
-    so = session_options(threads)
-    so.inter_op_num_threads = 1
-    if optimized_path:
-        so.optimized_model_filepath = optimized_path
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, so, providers=[provider])
 
 
 @dataclass(frozen=True)
@@ -213,8 +201,8 @@ def bench_models(original: onnx.ModelProto | str | os.PathLike,
     Inputs come from ``inputs.plan_feeds`` (same options as parity). The thread count applies
     to the CPU provider's intra-op pool; other providers get one row at their own setting.
     ``profile``: also profile both models on the first provider at one thread, ``repeats``
-    runs, and say where the time goes per lowering (``profile.profile_by_lowering``; the
-    rewrite's report or ``lowerings`` names each conv's lowering).
+    runs, and say where the time goes per lowering (``profile.break_down``; the rewrite's
+    report or ``lowerings`` names each conv's lowering).
 
     Raises:
         InputError: unreadable models, bad inputs, an unavailable provider, a model that
@@ -245,9 +233,11 @@ def bench_models(original: onnx.ModelProto | str | os.PathLike,
                                         new.median_ms, new.ratio, new.ratio_q25,
                                         new.ratio_q75, new.runs))
     if profile:
-        report.profile = profile_by_lowering(models["original"], models["rewritten"], feeds,
-                                             lowerings=lowerings, runs=repeats,
-                                             provider=full_names[0])
+        before, after = (profile_nodes(data[label], feeds, runs=repeats, provider=full_names[0])
+                         for label in ("original", "rewritten"))
+        report.profile = break_down(models["original"], models["rewritten"], before, after,
+                                    lowerings=lowerings,
+                                    input_shapes=[(k, v.shape) for k, v in feeds.items()])
     return report
 
 

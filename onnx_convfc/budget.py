@@ -59,8 +59,7 @@ class BudgetError(ValueError):
 
 def check_input_size(spec, conv: str) -> None:
     """``BudgetError`` for a conv whose declared input holds over ``MAX_INPUT_VALUES``."""
-    geometry = spec.conv if isinstance(spec, QuantConvSpec) else spec
-    values = geometry.in_channels * math.prod(d for d in geometry.input_spatial if d)
+    values = spec.in_channels * math.prod(d for d in spec.input_spatial if d)
     if values > MAX_INPUT_VALUES:
         raise BudgetError(f"conv '{conv}' reads an input declared with {values:.1e} values "
                           "per image, more than any machine holds; its lowered form would not "
@@ -91,16 +90,15 @@ def _patches(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
     nodes = (0 if gather else 3 * spec.taps) + FIXED_NODES \
         + (2 * spec.group if options.split_groups else 0)
     chunks = len(patches.gemm_chunks(spec, itemsize)) * CHUNK_NODES_BYTES if gather else 0
-    return weight + spec.out_channels * itemsize + nodes * NODE_BYTES + chunks \
-        + _indices(spec, options)
+    indices = _index_bytes(spec) if gather else 0
+    return weight + spec.out_channels * itemsize + nodes * NODE_BYTES + chunks + indices
 
 
-def _indices(spec: ConvSpec, options: RewriteOptions) -> int:
-    """The Gather forms' index parts (``taps.index_parts``: one run of output positions per
+def _index_bytes(spec: ConvSpec) -> int:
+    """A Gather form's index parts (``taps.index_parts``: one run of output positions per
     axis and the taps' offsets, summed in the graph), which grow with the feature map's
     sides, not with the weight; the Slice forms need none."""
-    return (sum(spec.output_spatial()) + spec.taps) * INDEX_BYTES \
-        if patches.uses_gather(spec) else 0
+    return (sum(spec.output_spatial()) + spec.taps) * INDEX_BYTES
 
 
 def _depthwise(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
@@ -110,7 +108,7 @@ def _depthwise(spec: ConvSpec, itemsize: int, options: RewriteOptions) -> int:
     gather = depthwise.uses_gather(spec)
     chunks = depthwise.chunk_count(spec, itemsize) if gather \
         else len(depthwise.shift_add_chunks(spec, itemsize))
-    indices = (sum(spec.output_spatial()) + spec.taps) * INDEX_BYTES if gather else 0
+    indices = _index_bytes(spec) if gather else 0
     nodes = 3 * spec.taps * chunks + FIXED_NODES
     return weight + spec.out_channels * itemsize + nodes * NODE_BYTES + indices
 
@@ -139,7 +137,7 @@ def _subpixel(spec: ConvTransposeSpec, itemsize: int, options: RewriteOptions) -
     weight = 3 * phase.out_channels * phase.in_per_group * taps * itemsize
     bias = phase.out_channels * itemsize
     table = 8 * phases * taps
-    index = _indices(phase, options)
+    index = _index_bytes(phase) if patches.uses_gather(phase) else 0
     return weight + bias + table + index + (3 * taps + FIXED_NODES) * NODE_BYTES
 
 
@@ -147,8 +145,7 @@ def _transpose_dense(spec: ConvTransposeSpec, itemsize: int, options: RewriteOpt
     """The matrix (built, then transposed: two copies), bias per output value, tap tables."""
     rows, cols = dense.matrix_shape(spec)
     positions = math.prod(spec.output_spatial())
-    taps = spec.taps
-    tables = 4 * 8 * taps * math.prod(spec.input_spatial)
+    tables = 4 * 8 * spec.taps * math.prod(spec.input_spatial)
     return (2 * rows * cols + spec.out_channels * positions) * itemsize + tables \
         + FIXED_NODES * NODE_BYTES
 

@@ -104,6 +104,7 @@ class ConvSpec(GroupedGeometry):
     def output_spatial(self) -> tuple[int | None, ...]:
         """Output spatial sizes; ``None`` where not known statically."""
         out: list[int | None] = []
+        spans = self.spans
         for i, s in enumerate(self.input_spatial):
             if s is None:
                 out.append(None)
@@ -111,7 +112,7 @@ class ConvSpec(GroupedGeometry):
                 out.append(-(-s // self.strides[i]))
             else:
                 padded = s + self.pads[i] + self.pads[i + self.rank]
-                out.append((padded - self.extents[i] - 1) // self.strides[i] + 1)
+                out.append((padded - spans[i]) // self.strides[i] + 1)
         return tuple(out)
 
     def short(self) -> str:

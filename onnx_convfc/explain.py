@@ -20,7 +20,7 @@ from onnx import ModelProto
 from .conv import ConvSpec, SpecError, conv_spec
 from .convtranspose import ConvTransposeSpec
 from .families import FAMILIES, is_conv
-from .graphs import constant_array, constants, inferred_shapes, scoped_graphs
+from .graphs import all_nodes, constant_array, constants, inferred_shapes, scoped_graphs
 from .inputs import check_input_shapes
 from .lowering import convtranspose_dense
 from .lowering.dense import matrix_shape
@@ -52,8 +52,8 @@ class ConvEntry:
     scope: str
     spec: ConvSpec | ConvTransposeSpec | None
     weight: np.ndarray | None
-    problem: str | None = None
-    op_type: str = "Conv"
+    problem: str | None
+    op_type: str
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class DenseSize:
     spec: ConvSpec
     itemsize: int
     axis_pairs: tuple[int, ...]
-    transposed: bool = False
+    transposed: bool
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -171,7 +171,8 @@ def find_convs(model: ModelProto, options: RewriteOptions) -> list[ConvEntry]:
     ``prepare``."""
     prepared = prepare(model)  # weightless: its weights stay in the store
     model = prepared.model
-    shapes = inferred_shapes(model, options.input_shapes, weightless=True)
+    inputs = {i for n in all_nodes(model) if is_conv(n) for i in n.input}
+    shapes = inferred_shapes(model, options.input_shapes, weightless=True, names=inputs)
     consts: dict = constants(model.graph, prepared.store)
     for graph, _scope in scoped_graphs(model.graph):
         if graph is not model.graph:  # nested graphs keep their own data

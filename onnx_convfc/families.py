@@ -16,7 +16,7 @@ from onnx import NodeProto
 
 from .conv import conv_spec
 from .convtranspose import conv_transpose_spec
-from .graphs import STANDARD_DOMAINS
+from .graphs import STANDARD_DOMAINS, Shape
 from .lowering import (
     AUTO_ORDER,
     CONV_INTEGER_LOWERINGS,
@@ -26,7 +26,6 @@ from .lowering import (
 )
 from .quantconv import conv_integer_spec, qlinear_conv_spec
 
-Shape = tuple  # of int | None
 # (node, name, weight shape, input shape or None, quantization operands) -> spec
 SpecBuilder = Callable[[NodeProto, str, tuple, "Shape | None", dict], object]
 

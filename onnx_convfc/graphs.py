@@ -6,6 +6,7 @@ Shared by the stages that look at a model without changing it (``prepare``, ``re
 
 from __future__ import annotations
 
+import copy
 from collections import ChainMap
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Union
@@ -24,10 +25,9 @@ from onnx import (
     numpy_helper,
 )
 
-from .skeleton import Constant, TensorStore, weightless_copy
+# STANDARD_DOMAINS (the default ONNX domain, by both of its names) is skeleton's, read here.
+from .skeleton import STANDARD_DOMAINS, Constant, TensorStore, weightless_copy
 
-# The default ONNX domain, by both of its names.
-STANDARD_DOMAINS = ("", "ai.onnx")
 # The ops of that domain that have graph attributes (a test keeps this in step with onnx.defs).
 # Another op of the domain holding a graph breaks the ONNX rules (the checker refuses it), so
 # walks do not read its attributes: that cost more than the rest of a walk.
@@ -59,6 +59,12 @@ def graphs(graph: GraphProto) -> Iterator[GraphProto]:
     for node in graph.node:
         for sub in subgraphs(node):
             yield from graphs(sub)
+
+
+def all_nodes(model: ModelProto) -> list[NodeProto]:
+    """The nodes of every graph, nested ones too, then those of the model-local functions."""
+    return [n for g in graphs(model.graph) for n in g.node] + \
+        [n for f in model.functions for n in f.node]
 
 
 def bodies(node: NodeProto, scope: str) -> Iterable[tuple[GraphProto, str]]:
@@ -127,13 +133,13 @@ def inferred_shapes(model: ModelProto, input_shapes: Iterable[tuple[str, tuple[i
     """
     overrides = dict(input_shapes)
     probe = model if weightless else weightless_copy(model)[0]
-    declared: list[tuple[ValueInfoProto, TypeProto | None]] = []
+    declared: list[tuple[ValueInfoProto, TypeProto | None]] = []  # to restore in ``model``
     try:
         for value in probe.graph.input:
             if value.name in overrides:
-                declared.append((value, TypeProto() if value.HasField("type") else None))
-                if declared[-1][1] is not None:
-                    declared[-1][1].CopyFrom(value.type)
+                if weightless:
+                    declared.append(
+                        (value, copy.deepcopy(value.type) if value.HasField("type") else None))
                 dims = value.type.tensor_type.shape.dim
                 del dims[:]
                 for d in overrides[value.name]:

@@ -111,7 +111,7 @@ class StagedSave:
             self.folder = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".staged",
                                                 dir=folder))
         except OSError as err:
-            raise InputError(f"{path}: cannot write ({err.strerror or err})") from None
+            raise _cannot_write(path, err) from None
         self.path = self.folder / self.target.name
 
     def __enter__(self) -> StagedSave:
@@ -130,7 +130,11 @@ class StagedSave:
                 _rename_all([(str(source), target) for source, target in moves])
             _sync_folder(self.target.parent)
         except OSError as err:
-            raise InputError(f"{self.target}: cannot write ({err.strerror or err})") from None
+            raise _cannot_write(self.target, err) from None
+
+
+def _cannot_write(path: str | os.PathLike, err: OSError) -> InputError:
+    return InputError(f"{path}: cannot write ({err.strerror or err})")
 
 
 def save_text(text: str, path: str | os.PathLike) -> None:
@@ -283,7 +287,7 @@ def _write_atomically(path: Path, folder: Path, chunks: Iterable[bytes],
             _rename_all([(tmp, target) for tmp, (target, _) in zip(temps, jobs)])
         _sync_folder(folder)
     except OSError as err:
-        raise InputError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise _cannot_write(path, err) from None
     finally:
         for tmp in temps:
             Path(tmp).unlink(missing_ok=True)

@@ -337,12 +337,12 @@ def _conv_model(spec: ConvSpec, weight: np.ndarray, bias: np.ndarray | None, bat
 def _lowered_model(conv: ModelProto, spec: ConvSpec, name: str, weight: np.ndarray,
                    bias: np.ndarray | None, opset: int | None,
                    options: RewriteOptions) -> ModelProto:
-    """``conv`` with its node replaced by what lowering ``name`` emits (its real ``emit``)."""
-    model = ModelProto()
-    model.CopyFrom(conv)
+    """``conv`` with its node replaced by what lowering ``name`` emits (its real ``emit``);
+    built afresh, not copied, so as not to copy the conv's weights."""
+    graph = helper.make_graph([], conv.graph.name, conv.graph.input, conv.graph.output)
+    model = helper.make_model(graph, opset_imports=conv.opset_import)
+    model.ir_version = conv.ir_version
     graph = model.graph
-    graph.ClearField("node")
-    graph.ClearField("initializer")
     em = Emitter("conv", ConstantPool(NameScope({"x", "y", "w", "b"}), graph), options,
                  opset or DEFAULT_OPSET)  # the opset the candidate model declares
     local = replace(spec, name="conv", input="x", weight="w", output="y",

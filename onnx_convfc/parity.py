@@ -28,6 +28,7 @@ from .families import is_conv
 from .graphs import graphs
 from .inputs import InputSpec, add_input_args, argtype, input_kwargs, plan_feeds
 from .io import InputError, first_line, model_of, save_text
+from .sessions import session_options
 
 RULE = ("|rewritten - original| <= atol + rtol * |original| for every element; "
         "NaN and Inf pass only where both models produce the same one")
@@ -718,19 +719,6 @@ def _check_same_inputs(original: ModelProto, rewritten: ModelProto) -> None:
     if a != b:
         raise InputError(f"the models take different inputs: original {sorted(a)}, "
                          f"rewritten {sorted(b)}")
-
-
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Quiet (failures become one-line errors, not log lines on stderr) and without spinning:
-    idle onnxruntime threads spin after a run by default, taking the cores from whatever runs
-    next (the numpy compare, the other model's session). ``threads``: intra-op threads, 0 =
-    onnxruntime's choice."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    return options
 
 
 def _session(source: str | bytes, full: str, label: str) -> ort.InferenceSession:

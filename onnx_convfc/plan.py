@@ -32,6 +32,7 @@ class Decision:
     lowering: str | None
     reason: str | None = None
     note: str | None = None  # why the requested method gave way to ``lowering``
+    fallback: bool = False  # the requested method refused the conv: ``lowering`` is auto's
 
 
 def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4,
@@ -51,7 +52,7 @@ def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4,
     """
     if _matches(spec.name, None, options.skip):
         return Decision(None, "excluded by --skip")
-    note = None
+    note, fallback = None, False
     if options.split_groups:
         auto_order = tuple(n for n in auto_order if n not in GEMM_FREE)
     if options.method not in lowerings:
@@ -73,14 +74,14 @@ def choose(spec: ConvSpec, options: RewriteOptions, itemsize: int = 4,
             lowering, refusal = _auto(spec, lowerings, auto_order)
             if lowering is None:
                 return Decision(None, f"{problem}; {refusal}")
-            note = f"{problem}; fell back to {lowering}"
+            note, fallback = f"{problem}; fell back to {lowering}", True
         else:
             lowering = options.method
     if _matches(None, lowering, options.skip):
         return Decision(None, f"excluded by --skip {lowering}")
     if options.only and not _matches(spec.name, lowering, options.only):
         return Decision(None, "not selected by --only")
-    return Decision(lowering, note=note)
+    return Decision(lowering, note=note, fallback=fallback)
 
 
 def dtype_refusal(dtype) -> str | None:

@@ -36,10 +36,10 @@ import onnxruntime as ort
 from onnx import helper
 
 from .families import FAMILIES, is_conv
-from .graphs import graphs, inferred_shapes
-from .io import InputError, model_of
-from .parity import session_options
+from .graphs import all_nodes, graphs, inferred_shapes
+from .io import InputError
 from .report import Report
+from .sessions import make_session
 
 MARKER = "/convfc/"  # between a conv's name and what its lowering emitted (emit.py)
 ORIGINAL_OPS = "original ops"
@@ -73,19 +73,20 @@ def profile_nodes(model: onnx.ModelProto | str | bytes, feeds: Mapping[str, np.n
                   provider: str = "CPUExecutionProvider") -> Profiled:
     """Profile ``runs`` runs (after one warm-up) with ``threads`` intra-op threads (0 =
     onnxruntime's choice), and keep the optimised graph for naming what ran."""
-    so = session_options(threads)
-    so.enable_profiling = True
     with tempfile.TemporaryDirectory() as folder:
-        so.profile_file_prefix = str(Path(folder) / "profile")
-        so.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                    "optimized.data")  # weights are never read back
-        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-        sess = ort.InferenceSession(data, so, providers=[provider])
+        def profiling(so: ort.SessionOptions) -> None:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(folder) / "profile")
+            so.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name",
+                "optimized.data")  # weights are never read back
+
+        optimized_path = str(Path(folder) / "optimized.onnx")
+        sess = make_session(model, threads, provider, optimized_path, configure=profiling)
         for _ in range(runs + 1):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
-        optimized = onnx.load(so.optimized_model_filepath, load_external_data=False)
+        optimized = onnx.load(optimized_path, load_external_data=False)
     model_runs = sorted((e for e in events if e["name"] == "model_run"), key=lambda e: e["ts"])
     warm_from = model_runs[0]["ts"] + model_runs[0]["dur"]
     kernels = sorted((e for e in events if e.get("cat") == "Node" and e["ts"] >= warm_from
@@ -155,6 +156,8 @@ class LoweringProfile:
     rewritten: list[Bucket]  # lowerings (a conv of unknown lowering alone), then the rest
     convs: list[ConvTime] = field(default_factory=list)  # slowest first
     run_ms: tuple[float, float] = (0.0, 0.0)  # whole-run wall time, original and rewritten
+    # the rewritten model as onnxruntime optimised it (``Profiled.optimized``); not in to_dict
+    optimized: onnx.ModelProto | None = field(default=None, repr=False)
 
     @property
     def totals(self) -> tuple[float, float]:
@@ -204,24 +207,6 @@ def profile_lines(data: Mapping) -> list[str]:
     return lines + _kind_table(data["kinds"], data["original_ms"], data["rewritten_ms"])
 
 
-def profile_by_lowering(original: onnx.ModelProto | str | os.PathLike,
-                        rewritten: onnx.ModelProto | str | os.PathLike,
-                        feeds: Mapping[str, np.ndarray], *,
-                        lowerings: Report | Mapping[str, str | None] | None = None,
-                        threads: int = 1, runs: int = 20,
-                        provider: str = "CPUExecutionProvider") -> LoweringProfile:
-    """Profile both models and say where the rewritten one's time goes, per lowering.
-
-    ``lowerings``: the rewrite's report, or conv name -> lowering (``lowerings_from_json``);
-    without it each lowered conv is its own row.
-    """
-    original, rewritten = model_of(original), model_of(rewritten)
-    before = profile_nodes(original, feeds, threads=threads, runs=runs, provider=provider)
-    after = profile_nodes(rewritten, feeds, threads=threads, runs=runs, provider=provider)
-    return break_down(original, rewritten, before, after, lowerings=lowerings,
-                      input_shapes=[(k, v.shape) for k, v in feeds.items()])
-
-
 def break_down(original: onnx.ModelProto, rewritten: onnx.ModelProto, before: Profiled,
                after: Profiled, *, lowerings: Report | Mapping[str, str | None] | None = None,
                input_shapes: Iterable[tuple[str, tuple]] = ()) -> LoweringProfile:
@@ -235,7 +220,8 @@ def break_down(original: onnx.ModelProto, rewritten: onnx.ModelProto, before: Pr
     convs = sorted((ConvTime(name, origins.convs[name], named.get(name), _sorted(ops))
                     for name, ops in per_conv.items()), key=lambda c: -c.ms)
     return LoweringProfile(after.threads, after.runs, _attribute_original(before, original),
-                           _per_lowering(convs) + rest, convs, (before.run_ms, after.run_ms))
+                           _per_lowering(convs) + rest, convs, (before.run_ms, after.run_ms),
+                           after.optimized)
 
 
 def _per_lowering(convs: list[ConvTime]) -> list[Bucket]:
@@ -308,10 +294,11 @@ def _attribute_rewritten(profiled: Profiled, model: onnx.ModelProto, origins: _O
     """
     index = _Index(profiled.optimized)
     known = _Known(model)
-    named = {name: origins.lowered_from(known.node(name) or name) for name in profiled.nodes}
+    found = {name: known.node(name) for name in profiled.nodes}
+    named = {name: origins.lowered_from(found[name] or name) for name in profiled.nodes}
     owner = dict(named)
     for name, (op, _) in profiled.nodes.items():
-        if named[name] is None and not known.node(name) and op not in ORT_CONV_OPS:
+        if named[name] is None and not found[name] and op not in ORT_CONV_OPS:
             owner[name] = index.sole_owner(name, named)
     convs: dict[str, Ops] = defaultdict(lambda: defaultdict(float))
     rest: dict[str, Ops] = defaultdict(lambda: defaultdict(float))
@@ -325,7 +312,7 @@ def _attribute_rewritten(profiled: Profiled, model: onnx.ModelProto, origins: _O
         elif op in ORT_CONV_OPS:
             left.add(index.conv_kind(name, op), op, ms)
         else:
-            rest[ORIGINAL_OPS if known.node(name) else UNATTRIBUTED][op] += ms
+            rest[ORIGINAL_OPS if found[name] else UNATTRIBUTED][op] += ms
     order = {ORIGINAL_OPS: 1, UNATTRIBUTED: 2}
     buckets = sorted((Bucket(k, _sorted(ops)) for k, ops in rest.items()),
                      key=lambda b: (order.get(b.label, 0), -b.ms))
@@ -339,9 +326,13 @@ class _Origins:
 
     def __init__(self, model: onnx.ModelProto, input_shapes: Iterable[tuple[str, tuple]]
                  ) -> None:
-        shapes = inferred_shapes(model, input_shapes)
-        nodes = [n for g in graphs(model.graph) for n in g.node]
-        nodes += [n for f in model.functions for n in f.node]
+        nodes = all_nodes(model)
+        # Conv weights are initializers but where computed at run time: only those are inferred.
+        shapes = {t.name: tuple(t.dims) for g in graphs(model.graph) for t in g.initializer}
+        missing = {_input(n, FAMILIES[n.op_type].weight) for n in nodes if is_conv(n)}
+        missing -= shapes.keys() | {""}
+        if missing:
+            shapes.update(inferred_shapes(model, input_shapes, names=missing))
         self.convs: dict[str, str] = {}
         self.others: dict[str, str] = {}
         for node in nodes:

@@ -39,8 +39,16 @@ class QuantConvSpec:
         return self.conv.name
 
     @property
+    def in_channels(self) -> int:
+        return self.conv.in_channels
+
+    @property
     def out_channels(self) -> int:
         return self.conv.out_channels
+
+    @property
+    def input_spatial(self) -> tuple[int | None, ...]:
+        return self.conv.input_spatial
 
     @property
     def per_channel(self) -> bool:

@@ -22,10 +22,15 @@ class ConvRow:
     reason: str | None
     weight_bytes_before: int
     weight_bytes_after: int  # constants the lowering added; one shared counts where first added
-    note: str | None = None  # why the lowering differs from the requested --method
+    # what shaped the lowering: the requested --method's refusal and the fallback, the
+    # --objective latency choice, a BatchNormalization folded in ("; " between them)
+    note: str | None = None
     # "runtime" when the weight, bias or a quantization parameter is computed by the graph:
     # the lowered form reshapes it with nodes, so a weight-only quantizer cannot take it
     weights: str = "constant"
+    # the requested --method refused the conv and auto's choice was taken (``plan.Decision``);
+    # printed as "fallback", not in the JSON (``Report.to_dict``)
+    fallback: bool = False
 
 
 @dataclass
@@ -57,7 +62,8 @@ class Report:
             "total": len(self.rows),
             "seconds": round(self.seconds, 4),
             "notes": list(self.notes),
-            "convs": [asdict(r) for r in self.rows],
+            "convs": [{k: v for k, v in asdict(r).items() if k != "fallback"}
+                      for r in self.rows],
         }
 
     def write_json(self, path: str | Path) -> None:
@@ -73,7 +79,7 @@ class Report:
         for r in self.rows:
             where = r.node if r.scope == "main" else f"{r.node} [{r.scope}]"
             verdict = r.lowering if r.lowering else f"skipped: {r.reason}"
-            if r.note and _is_fallback(r.note):
+            if r.fallback:
                 verdict += " (fallback)"
             if r.lowering and r.weights == "runtime":
                 verdict += " (run-time weights)"
@@ -84,16 +90,11 @@ class Report:
             console.print(table)
         for r in self.rows:
             if r.note:
-                label = "fallback" if _is_fallback(r.note) else "note"
+                label = "fallback" if r.fallback else "note"
                 console.print(f"{label}: {r.node}: {r.note}", highlight=False)
         for note in self.notes:
             console.print(f"note: {note}", highlight=False)
         console.print(self.summary(), highlight=False)
-
-
-def _is_fallback(note: str) -> bool:
-    """Notes also carry a folded BatchNormalization or a ``--objective latency`` choice."""
-    return "fell back" in note
 
 
 def size_text(n: int) -> str:

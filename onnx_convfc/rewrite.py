@@ -22,9 +22,10 @@ from .batchnorm import Affine, as_affine, emit_affine, fold, is_batchnorm
 from .budget import charge, check_input_size, estimate
 from .conv import SpecError
 from .emit import ConstantPool, Emitter, NameScope
-from .families import FAMILIES, Family
+from .families import FAMILIES, Family, is_conv
 from .graphs import (
-    STANDARD_DOMAINS,
+    Shape,
+    all_nodes,
     bodies,
     constant_array,
     constants,
@@ -39,8 +40,6 @@ from .plan import choose, dtype_refusal, onnxruntime_refuses
 from .prepare import default_opset, prepare
 from .report import ConvRow, Report
 from .skeleton import TensorStore
-
-Shape = tuple  # of int | None
 
 
 @dataclass
@@ -66,9 +65,8 @@ def rewrite(model: ModelProto, options: RewriteOptions) -> tuple[ModelProto, Rep
     prepared = prepare(model)
     model = prepared.model
     report.notes.extend(prepared.notes)
-    names, readers = _names_and_readers(model)
-    shapes = inferred_shapes(model, options.input_shapes, weightless=True,
-                             names=_conv_inputs(model))
+    names, readers, conv_inputs = _survey(model)
+    shapes = inferred_shapes(model, options.input_shapes, weightless=True, names=conv_inputs)
     ctx = _Context(options, shapes, NameScope(names), report, prepared.store, readers,
                    opset=default_opset(model),
                    objective=LatencyObjective(options) if options.objective == "latency"
@@ -178,9 +176,9 @@ def _batchnorm_notes(ctx: _Context) -> list[str]:
 
 def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: str,
                    ctx: _Context, bns: _BatchNorms | None = None) -> list[NodeProto]:
-    family = FAMILIES.get(node.op_type)
-    if family is None or node.domain not in STANDARD_DOMAINS:
+    if not is_conv(node):
         return [node]
+    family = FAMILIES[node.op_type]
     name = node.name or node.output[0]
     row = dict(node=name, op_type=node.op_type, scope=scope, geometry="?", lowering=None,
                weight_bytes_before=0, weight_bytes_after=0)
@@ -201,9 +199,9 @@ def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: 
     runtime = any(is_runtime(v) for v in values)
     row["weights"] = "runtime" if runtime else "constant"
     row["weight_bytes_before"] = sum(v.nbytes for v in values if isinstance(v, np.ndarray))
+    input_shape = ctx.shapes.get(node.input[0])
     try:
-        spec = family.build(node, name, shape_of(weight), ctx.shapes.get(node.input[0]),
-                            operands)
+        spec = family.build(node, name, shape_of(weight), input_shape, operands)
     except SpecError as err:
         return skip(f"invalid conv: {err}")
     if bias is not None and shape_of(bias) != (spec.out_channels,):
@@ -215,8 +213,7 @@ def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: 
             return skip(refusal)
     lowerings, auto_order = family.tables(runtime)
     itemsize = weight.dtype.itemsize if isinstance(weight, np.ndarray) else 4
-    pick = ctx.objective and ctx.objective.picker(node.op_type, weight,
-                                                  ctx.shapes.get(node.input[0]), ctx.opset)
+    pick = ctx.objective and ctx.objective.picker(node.op_type, weight, input_shape, ctx.opset)
     decision = choose(spec, ctx.options, itemsize, lowerings, auto_order, pick)
     if decision.lowering is None:
         return skip(decision.reason)
@@ -240,7 +237,7 @@ def _lower_if_conv(node: NodeProto, consts: Mapping, pool: ConstantPool, scope: 
         bns.lowered[spec.output] = (weight.ndim, weight.dtype)
     row["lowering"] = decision.lowering
     row["weight_bytes_after"] = em.const_bytes
-    ctx.report.rows.append(ConvRow(reason=None, note=note, **row))
+    ctx.report.rows.append(ConvRow(reason=None, note=note, fallback=decision.fallback, **row))
     refusal = onnxruntime_refuses(node.op_type, spec, getattr(weight, "dtype", None))
     if refusal:
         ctx.report.notes.append(f"conv '{name}': {refusal}, so the original cannot run there; "
@@ -278,30 +275,24 @@ def _operands(node: NodeProto, family: Family, consts: Mapping,
     return found
 
 
-def _conv_inputs(model: ModelProto) -> set[str]:
-    """The tensors the conv-family nodes read, at any depth: the shapes a rewrite asks for."""
-    nested = [n for g in graphs(model.graph) for n in g.node]
-    nodes = nested + [n for f in model.functions for n in f.node]
-    return set(chain.from_iterable(n.input for n in nodes if n.op_type in FAMILIES))
-
-
-def _names_and_readers(model: ModelProto) -> tuple[set[str], Counter]:
-    """Every name in the model, and how many nodes and graph outputs read each tensor."""
+def _survey(model: ModelProto) -> tuple[set[str], Counter, set[str]]:
+    """Every name in the model, how many nodes and graph outputs read each tensor, and the
+    tensors the conv-family nodes read (the shapes a rewrite asks for), at any depth."""
     names: set[str] = set()
     readers: Counter = Counter()
-    nested = [*graphs(model.graph)]
-    for graph in nested:
+    for graph in graphs(model.graph):
         names.update(t.name for t in graph.initializer)
         names.update(v.name for v in (*graph.input, *graph.value_info))
         readers.update(v.name for v in graph.output)
-    nodes = [n for g in nested for n in g.node] + [n for f in model.functions for n in f.node]
+    nodes = all_nodes(model)
     names.update(n.name for n in nodes)
     names.update(chain.from_iterable(n.output for n in nodes))
     readers.update(chain.from_iterable(n.input for n in nodes))  # one call: it costs per call
     for function in model.functions:
         readers.update(function.output)
     names.update(readers)
-    return names, readers
+    conv_inputs = set(chain.from_iterable(n.input for n in nodes if is_conv(n)))
+    return names, readers, conv_inputs
 
 
 def _drop_constants(model: ModelProto, dead: set[str]) -> None:

@@ -26,9 +26,6 @@ INITIALIZER_FIELD = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 NODE_FIELD = GraphProto.DESCRIPTOR.fields_by_name["node"].number
 RAW_DATA_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 LENGTH_DELIMITED = 2
-# Their keys: one byte each, as the field numbers are under 16.
-GRAPH_KEY = bytes((GRAPH_FIELD << 3 | LENGTH_DELIMITED,))
-INITIALIZER_KEY = bytes((INITIALIZER_FIELD << 3 | LENGTH_DELIMITED,))
 
 
 class TooLarge(Exception):
@@ -52,7 +49,8 @@ class ExternalLayout:
     def data_chunks(self, model: ModelProto) -> Iterator[bytes]:
         offset = 0
         for tensor in _initializers(model.graph):
-            raw = tensor.raw_data if _may_be_large(tensor, self.min_bytes) else b""
+            # by type and dims first: reading ``raw_data`` copies it
+            raw = tensor.raw_data if _raw_size(tensor) >= self.min_bytes else b""
             if len(raw) < self.min_bytes:
                 self._places.append(None)
                 continue
@@ -164,12 +162,6 @@ def _around(message: Message, name: str, value: list[bytes]) -> list[bytes]:
     return [before.SerializeToString(), *_framed(number, value), after.SerializeToString()]
 
 
-def _may_be_large(tensor: TensorProto, min_bytes: int) -> bool:
-    """Whether the tensor has ``raw_data`` that may reach ``min_bytes`` (by its type and dims,
-    without reading it)."""
-    return _raw_size(tensor) >= min_bytes
-
-
 def _raw_size(tensor: TensorProto) -> float:
     """Bytes of the tensor's ``raw_data`` by its type and dims (without reading it): -1
     without ``raw_data``, infinite where its type does not tell."""
@@ -180,9 +172,8 @@ def _raw_size(tensor: TensorProto) -> float:
 
 
 def _initializer_field(tensor: bytes) -> bytes:
-    """A serialised initializer as a ``graph`` field of its own, in one piece."""
-    inner = INITIALIZER_KEY + _varint(len(tensor))
-    return GRAPH_KEY + _varint(len(inner) + len(tensor)) + inner + tensor
+    """A serialised initializer as a ``graph`` field of its own, in one piece (one write)."""
+    return b"".join(_framed(GRAPH_FIELD, _framed(INITIALIZER_FIELD, [tensor])))
 
 
 def _without_raw_data(tensor: TensorProto) -> TensorProto:

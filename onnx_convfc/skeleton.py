@@ -28,6 +28,8 @@ import numpy as np
 from google.protobuf.message import Message
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
+# The default ONNX domain, by both of its names.
+STANDARD_DOMAINS = ("", "ai.onnx")
 # Initializers at least this large (by their type and dims) are placeholders in a skeleton.
 LARGE_TENSOR_BYTES = 4096
 DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data",
@@ -188,7 +190,7 @@ def weightless_copy(model: ModelProto) -> tuple[ModelProto, TensorStore]:
 
 def large_constant(node: NodeProto) -> TensorProto | None:
     """The value of a ``Constant`` node that holds a large tensor, else ``None``."""
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") \
+    if node.op_type != "Constant" or node.domain not in STANDARD_DOMAINS \
             or len(node.attribute) != 1 or len(node.output) != 1:
         return None
     attr = node.attribute[0]

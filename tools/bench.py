@@ -20,6 +20,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -31,12 +32,10 @@ from pathlib import Path
 import onnx
 
 from onnx_convfc import Report, RewriteOptions, rewrite_model
-from onnx_convfc.bench import DEFAULT_THREADS, bench_models, make_session, parse_threads
+from onnx_convfc.bench import DEFAULT_THREADS, LIGHT_MODELS, bench_models, parse_threads
 from onnx_convfc.io import read_model, save_model
 from onnx_convfc.options import METHODS, parse_input_shape
 from onnx_convfc.profile import profile_lines
-
-LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss into a forked child.
 MEMORY_CHILD = """
@@ -47,7 +46,9 @@ def hwm_kib():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 base = hwm_kib()
-options = RewriteOptions(**json.loads(sys.argv[3]))
+fields = json.loads(sys.argv[3])
+fields["input_shapes"] = dict(fields["input_shapes"])  # name -> dims: updated makes them tuples
+options = RewriteOptions().updated(**fields)
 loaded = read_model(sys.argv[1])
 model, _ = rewrite_model(loaded.model, options)
 save_model(model, sys.argv[2], external_data=loaded.external_data)
@@ -84,11 +85,9 @@ def rewrite_seconds(path: Path, out: Path, options: RewriteOptions,
 
 def rewrite_memory(path: Path, out: Path, options: RewriteOptions) -> dict:
     """Peak RSS of a rewrite in a fresh interpreter, in MiB, with its post-import baseline."""
-    fields = {"method": options.method, "only": list(options.only), "skip": list(options.skip),
-              "input_shapes": [[n, list(s)] for n, s in options.input_shapes],
-              "weight_left": options.weight_left}
     done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path), str(out),
-                           json.dumps(fields)], capture_output=True, text=True, check=True)
+                           json.dumps(dataclasses.asdict(options))],
+                          capture_output=True, text=True, check=True)
     kib = json.loads(done.stdout.strip().splitlines()[-1])
     return {"baseline_mib": kib["base_kib"] / 1024, "peak_mib": kib["peak_kib"] / 1024,
             "over_baseline_mib": (kib["peak_kib"] - kib["base_kib"]) / 1024}
@@ -117,10 +116,8 @@ def measure(path: Path, options: RewriteOptions, args: argparse.Namespace) -> di
                           for r in bench.rows}
         if bench.profile is not None:
             row["profile"] = bench.profile.to_dict()
-            make_session(str(out), 1, optimized_path=str(Path(folder) / "opt.onnx"))
-            optimized = onnx.load(str(Path(folder) / "opt.onnx"), load_external_data=False)
             row["optimized_transposes"] = sum(n.op_type == "Transpose"
-                                              for n in optimized.graph.node)
+                                              for n in bench.profile.optimized.graph.node)
     return row
 
 
@@ -168,7 +165,7 @@ def main() -> int:
                         help="where the time goes: per lowering, op type and conv kind")
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args()
-    paths = list(args.models) + [LIGHT / f"light_{name}.onnx" for name in args.light]
+    paths = list(args.models) + [LIGHT_MODELS / f"light_{name}.onnx" for name in args.light]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing or not paths:
         print(f"bench: no such model: {', '.join(missing) or '(none given)'}", file=sys.stderr)

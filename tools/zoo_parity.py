@@ -25,13 +25,12 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, GraphProto, ModelProto, numpy_helper
+from onnx import GraphProto, ModelProto, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fetch_zoo import cache_dir, wheel_folder  # noqa: E402
@@ -39,6 +38,7 @@ from fetch_zoo import cache_dir, wheel_folder  # noqa: E402
 from onnx_convfc import rewrite_model  # noqa: E402
 from onnx_convfc.bench import bench_models  # noqa: E402
 from onnx_convfc.families import is_conv  # noqa: E402
+from onnx_convfc.graphs import all_nodes  # noqa: E402
 from onnx_convfc.io import first_line, load_model  # noqa: E402
 from onnx_convfc.parity import check_parity  # noqa: E402
 
@@ -158,24 +158,7 @@ def _drop_unread_initializers(graph: GraphProto) -> None:
 
 def conv_nodes(model: ModelProto) -> Counter:
     """Conv-like nodes by op type, in every graph, subgraph and local function."""
-    found: Counter = Counter()
-    for graph_nodes in _node_lists(model):
-        found.update(n.op_type for n in graph_nodes if is_conv(n))
-    return found
-
-
-def _node_lists(model: ModelProto) -> Iterator:
-    def walk(nodes):
-        yield nodes
-        for node in nodes:
-            for attr in node.attribute:
-                subs = [attr.g] if attr.type == AttributeProto.GRAPH else []
-                for sub in subs + list(attr.graphs):
-                    yield from walk(sub.node)
-
-    yield from walk(model.graph.node)
-    for function in model.functions:
-        yield from walk(function.node)
+    return Counter(n.op_type for n in all_nodes(model) if is_conv(n))
 
 
 @dataclass

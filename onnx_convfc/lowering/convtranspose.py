@@ -62,17 +62,18 @@ def _axes(spec: ConvTransposeSpec) -> list[_Axis]:
 def applies(spec: ConvTransposeSpec) -> str | None:
     if spec.pads is None:
         return "output_shape is set but an input size is only known at run time"
-    ends = spec.window_ends()
-    for i, (size, axis) in enumerate(zip(spec.input_spatial, _axes(spec))):
+    axes = _axes(spec)
+    for i, (size, axis) in enumerate(zip(spec.input_spatial, axes)):
         if size is not None and size + axis.row_end <= axis.first_row:
             return "the output lies entirely in the padding"
         # A run-time size up to ``empty`` gives the phase conv no rows; refused where the
-        # original still has output there (output_padding beyond the cropped rows).
+        # original still has output there (output_padding beyond the cropped rows):
+        # ``crop_end > crop_begin``, i.e. ``empty * stride + window_end > pad_begin``.
         empty = axis.first_row - axis.row_end
-        if size is None and empty >= 1 and empty * spec.strides[i] + ends[i] > spec.pads[i]:
+        if size is None and empty >= 1 and axis.crop_end > axis.crop_begin:
             return (f"an input of up to {empty} along axis {i + 2}, whose size is only known "
                     "at run time, gives an output entirely in the padding")
-    return slice_refusal(phase_conv(spec))
+    return slice_refusal(_phase_spec(spec, axes, spec.input, spec.output))
 
 
 def emit(spec: ConvTransposeSpec, weight: Operand, bias: Operand | None, em: Emitter) -> None:

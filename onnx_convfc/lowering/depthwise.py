@@ -29,7 +29,6 @@ and one small Transpose puts output channel ``c*mult + j`` in place; channels-fi
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -47,6 +46,7 @@ from .taps import (
     slice_refusal,
     sum_constants,
     tap_slices,
+    tap_tags,
 )
 
 # Gathered patches per chunk: 0.5-1 MiB measured fastest alone at 1 thread (5x5 C=192
@@ -107,21 +107,21 @@ def _output_elements(spec: ConvSpec) -> int:
     return spec.out_channels * math.prod(int(o) for o in spec.output_spatial())
 
 
-def chunks(spec: ConvSpec, itemsize: int) -> tuple[range, int]:
-    """Starts of the runs of output rows per Gather (``taps.row_chunks``), and 0; or, when one
-    output row of patches is over ``CHUNK_BYTES`` (wide maps, many channels), every row and
-    the number of output columns per Gather."""
+def chunks(spec: ConvSpec, itemsize: int) -> tuple[range, range | None]:
+    """Starts of the runs of output rows per Gather (``taps.row_chunks``), and ``None``; or,
+    when one output row of patches is over ``CHUNK_BYTES`` (wide maps, many channels), every
+    row and the starts of the runs of output columns per Gather."""
     per_position = spec.taps * spec.out_channels * itemsize
     out = [int(o) for o in spec.output_spatial()]
     if spec.rank == 1 or math.prod(out[1:]) * per_position <= CHUNK_BYTES:
-        return row_chunks(spec, per_position, CHUNK_BYTES), 0
+        return row_chunks(spec, per_position, CHUNK_BYTES), None
     columns = max(1, CHUNK_BYTES // (math.prod(out[2:]) * per_position))
-    return range(out[0]), columns
+    return range(out[0]), range(0, out[1], columns)
 
 
 def chunk_count(spec: ConvSpec, itemsize: int) -> int:
     rows, columns = chunks(spec, itemsize)
-    return len(rows) * (-(-int(spec.output_spatial()[1]) // columns) if columns else 1)
+    return len(rows) * (1 if columns is None else len(columns))
 
 
 def _tap_scales(spec: ConvSpec, weight: np.ndarray) -> np.ndarray:
@@ -135,8 +135,9 @@ def _tap_scales(spec: ConvSpec, weight: np.ndarray) -> np.ndarray:
 
 def _channels_last_scales(spec: ConvSpec, weight: np.ndarray) -> np.ndarray:
     """``[taps, mult, C]`` (``[taps, C]`` without a multiplier): channels innermost."""
-    scales = _tap_scales(spec, weight)
-    return np.ascontiguousarray(scales.transpose(0, 2, 1)) if scales.ndim == 3 else scales
+    mult = spec.out_channels // spec.in_channels
+    scales = weight.reshape(spec.in_channels, mult, spec.taps).transpose(2, 1, 0)
+    return np.ascontiguousarray(scales if mult > 1 else scales[:, 0])
 
 
 def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
@@ -149,16 +150,15 @@ def _gather_form(spec: ConvSpec, weight: np.ndarray, bias: Operand | None,
     x = em.op("Reshape", [x, em.ints("pixels_shape", [0, pixels, *unit, c])], "flatten_pixels")
     rows, columns = chunks(spec, weight.dtype.itemsize)
     scales = _channels_last_scales(spec, weight)
-    if not columns:  # [W, taps, (mult,) C] (whole models: det 1.82x -> 1.70x, with shift-add's)
+    if columns is None:  # [W, taps, (mult,) C] (whole models: det 1.82x -> 1.70x, with shift-add's)
         scales = _row_scales(spec, scales, axis=0)
     scales = em.const("tap_scales", scales)
     parts = index_parts(spec)
-    out = [int(o) for o in spec.output_spatial()]
-    rest = sum_constants(em, parts[2 if columns else 1:], "patch_index_rest")
+    rest = sum_constants(em, parts[1 if columns is None else 2:], "patch_index_rest")
+    column_runs = [None] if columns is None else runs(columns)
     sums = []
     for i, (start, stop) in enumerate(runs(rows)):
         lead = [parts[0][start:stop]]
-        column_runs = runs(range(0, out[1], columns)) if columns else [None]
         pieces = []
         for j, cols in enumerate(column_runs):
             tag = f"{i}" if cols is None else f"{i}_{j}"
@@ -260,46 +260,38 @@ def _row_scales(spec: ConvSpec, scales: np.ndarray, axis: int) -> np.ndarray:
     """``[taps, (mult,) C]`` scales repeated along the output's last axis, a new ``axis``
     (``[taps, W, C]`` for shift-add, ``[W, taps, C]`` for the Gather form), unless that takes
     over ``TILED_SCALE_BYTES``: onnxruntime broadcasts a channels-last ``[C]`` scale in runs
-    of C values (16 @320x320: 1.2 ms a Mul, 0.48 ms in runs of ``W*C``)."""
-    if not _repeats_scales(spec, scales):
+    of C values (16 @320x320: 1.2 ms a Mul, 0.48 ms in runs of ``W*C``). Never in 1-D, where
+    the width is the axis cut into runs of rows."""
+    width = int(spec.output_spatial()[-1])
+    if spec.rank == 1 or scales.size * width * scales.itemsize > TILED_SCALE_BYTES:
         return scales
-    width = int(spec.output_spatial()[-1])
     return np.ascontiguousarray(np.repeat(np.expand_dims(scales, axis), width, axis=axis))
-
-
-def _repeats_scales(spec: ConvSpec, scales: np.ndarray) -> bool:
-    """Whether the scales are repeated along the output width: up to ``TILED_SCALE_BYTES``,
-    and not in 1-D, where the width is the axis cut into runs of rows."""
-    width = int(spec.output_spatial()[-1])
-    return spec.rank > 1 and scales.size * width * scales.itemsize <= TILED_SCALE_BYTES
 
 
 def _input_rows(spec: ConvSpec, em: Emitter, x: str, first_axis: int, start: int, stop: int,
                 i: int) -> str:
     """The rows of the padded ``x`` that output rows ``start..stop`` read."""
     step = spec.strides[0]
-    end = (stop - 1) * step + spec.extents[0] + 1
+    end = (stop - 1) * step + spec.spans[0]
     return em.op("Slice", [x, em.ints(f"rows_start_{i}", [start * step]),
                            em.ints(f"rows_end_{i}", [end]), em.ints("row_axis", [first_axis])],
                  f"rows_{i}")
 
 
-def _tap_tags(spec: ConvSpec) -> list[str]:
-    return ["x".join(map(str, o)) for o in itertools.product(*map(range, spec.kernel))]
+def _scale_constants(spec: ConvSpec, em: Emitter, scales: np.ndarray
+                     ) -> list[tuple[str, str]]:
+    """Each tap's tag (``taps.tap_tags``) and its scales as a constant, stored once for every
+    run of rows that reads it."""
+    return [(tag, em.const(f"scale_{tag}", tap)) for tag, tap in zip(tap_tags(spec), scales)]
 
 
-def _scale_constants(spec: ConvSpec, em: Emitter, scales: np.ndarray) -> list[str]:
-    """Each tap's scales as a constant, stored once for every run of rows that reads it."""
-    return [em.const(f"scale_{tag}", tap) for tag, tap in zip(_tap_tags(spec), scales)]
-
-
-def _shift_add(spec: ConvSpec, em: Emitter, x: str, first_axis: int, scales: list[str],
-               output: str | None, suffix: str) -> str:
+def _shift_add(spec: ConvSpec, em: Emitter, x: str, first_axis: int,
+               scales: list[tuple[str, str]], output: str | None, suffix: str) -> str:
     """Sum over the kernel offsets of each offset's strided Slice of ``x`` times its
-    per-channel scale (``scales``: one constant per tap)."""
+    per-channel scale (``scales``: each tap's tag and constant, from ``_scale_constants``)."""
     y = None
     pieces = tap_slices(spec, em, x, first_axis, suffix)
-    for tap, (piece, tag, scale) in enumerate(zip(pieces, _tap_tags(spec), scales)):
+    for tap, (piece, (tag, scale)) in enumerate(zip(pieces, scales)):
         out = output if tap == spec.taps - 1 else None
         if y is None:
             y = em.op("Mul", [piece, scale], f"scale_{tag}{suffix}", output=out)

@@ -33,10 +33,8 @@ def emit(spec: ConvSpec, weight: np.ndarray, bias: np.ndarray | None, em: Emitte
     if any(spec.pads):
         x = em.op("Pad", [x, em.ints("pads", [0, 0, *spec.pads[:r], 0, 0, *spec.pads[r:]])])
     padded = spec.padded_spatial()
-    if any(p != e + 1 for p, e in zip(padded, spec.extents)) or any(
-            d != 1 for d in spec.dilations):
-        x = em.op("Slice", [x, em.ints("starts", [0] * r),
-                            em.ints("ends", [e + 1 for e in spec.extents]),
+    if padded != spec.spans or any(d != 1 for d in spec.dilations):
+        x = em.op("Slice", [x, em.ints("starts", [0] * r), em.ints("ends", list(spec.spans)),
                             em.ints("axes", list(range(2, r + 2))),
                             em.ints("steps", spec.dilations)], "taps")
     emit_flat(spec, x, flat_weight(weight), bias, em)

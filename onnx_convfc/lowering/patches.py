@@ -96,27 +96,27 @@ def emit_patch_gemm(spec: ConvSpec, weight: Operand, bias: Operand | None,
     g = spec.group
     ops = Operands(em)
     matrix = patch_matrix(ops, weight, g)
-    if not is_runtime(matrix):
+    constant = not is_runtime(matrix)
+    if constant:
         chunks = gemm_chunks(spec, matrix.dtype.itemsize)
         if len(chunks) > 1:
             _chunked_gemm(spec, em, runs(chunks), ops.name(matrix, "weight"),
                           None if bias is None else ops.name(bias, "bias"))
             return
-    if em.options.weight_left and takes_weight_left_patches(spec) and not is_runtime(matrix):
-        _weight_left_patch_gemm(spec, em, matrix, bias)
-        return
+        if em.options.weight_left and takes_weight_left_patches(spec):
+            _weight_left_patch_gemm(spec, em, matrix, bias)
+            return
     rows = patch_rows(spec, em)
     if g == 1:
         # --input-shape makes sizes static for the rewrite only: a form that works at any
         # size (Slices) keeps doing so, reading its output grid at run time
-        pinned = (bool(em.options.input_shapes) and not uses_gather(spec)
-                  and not is_runtime(matrix))
+        pinned = bool(em.options.input_shapes) and not uses_gather(spec) and constant
         y = _gemm(spec, em, rows.rows, ops.name(matrix, "weight"),
                   None if bias is None else ops.name(bias, "bias"),
                   pinned_dtype=matrix.dtype if pinned else None)
         to_channels_first(spec, em, y, rows)
         return
-    if em.options.split_groups and not is_runtime(matrix):
+    if em.options.split_groups and constant:
         y = _matmul_per_group(em, rows.rows, matrix)
     else:
         y = em.op("MatMul", [rows.rows, ops.name(matrix, "weight")])

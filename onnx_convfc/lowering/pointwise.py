@@ -44,8 +44,7 @@ def emit(spec: ConvSpec, weight: Operand, bias: Operand | None, em: Emitter) -> 
 def takes_weight_left(spec: ConvSpec) -> bool:
     """Group 1, no stride, no pads, static pixels: at least ``WEIGHT_LEFT_PIXELS`` of them or
     at most ``WEIGHT_LEFT_CHANNELS`` channels in and out."""
-    pixels = spec.input_spatial
-    return (spec.group == 1 and set(spec.strides) == {1} and None not in pixels
-            and spec.pads is not None and not any(spec.pads)
-            and (int(np.prod(pixels)) >= WEIGHT_LEFT_PIXELS
+    return (spec.group == 1 and set(spec.strides) == {1} and spec.is_static
+            and not any(spec.pads)
+            and (int(np.prod(spec.input_spatial)) >= WEIGHT_LEFT_PIXELS
                  or max(spec.in_channels, spec.out_channels) <= WEIGHT_LEFT_CHANNELS))

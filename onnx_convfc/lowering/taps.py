@@ -56,7 +56,7 @@ def _same_pads(spec: ConvSpec, em: Emitter, x: str, first_axis: int, trail: list
     out = em.op("Div", [em.op("Add", [size, em.ints("strides_minus_1",
                                                     [s - 1 for s in spec.strides])]), strides])
     span = em.op("Add", [em.op("Mul", [em.op("Sub", [out, em.ints("one", [1])]), strides]),
-                         em.ints("span", [e + 1 for e in spec.extents])])
+                         em.ints("span", list(spec.spans))])
     total = em.op("Sub", [span, size])
     total = em.op("Div", [em.op("Add", [total, em.op("Abs", [total])]), em.ints("two", [2])],
                   "clamp_at_zero")
@@ -68,6 +68,11 @@ def _same_pads(spec: ConvSpec, em: Emitter, x: str, first_axis: int, trail: list
     return em.op("Concat", [lead, begin, *tail, lead, end, *tail], "same_pads", axis=0)
 
 
+def tap_tags(spec: ConvSpec) -> list[str]:
+    """Each kernel offset (row-major) as ``"0x2"``, for node and constant names."""
+    return ["x".join(map(str, o)) for o in itertools.product(*map(range, spec.kernel))]
+
+
 def tap_slices(spec: ConvSpec, em: Emitter, x: str, first_axis: int,
                suffix: str = "") -> list[str]:
     """One strided Slice of the padded ``x`` per kernel offset (row-major), over the spatial
@@ -75,14 +80,14 @@ def tap_slices(spec: ConvSpec, em: Emitter, x: str, first_axis: int,
     a run of rows of the padded input). ``suffix`` ends the node names."""
     r = spec.rank
     pieces, axes, steps = [], None, None
-    for offset in itertools.product(*(range(k) for k in spec.kernel)):
+    offsets = itertools.product(*(range(k) for k in spec.kernel))
+    for offset, tag in zip(offsets, tap_tags(spec)):
         starts = [o * d for o, d in zip(offset, spec.dilations)]
         ends = [b - e if e > b else INT64_MAX for b, e in zip(starts, spec.extents)]
         whole = not any(starts) and all(e == INT64_MAX for e in ends)
         if whole and all(s == 1 for s in spec.strides):
             pieces.append(x)
             continue
-        tag = "x".join(str(o) for o in offset)
         if axes is None:  # emitted only when a Slice reads them
             axes = em.ints("spatial_axes", list(range(first_axis, first_axis + r)))
             steps = em.ints("strides", spec.strides)
@@ -103,15 +108,15 @@ def axis_by_axis_patches(spec: ConvSpec, em: Emitter, x: str, first_axis: int,
         axis, k = first_axis + d, spec.kernel[d]
         if k == 1 and spec.strides[d] == 1:
             continue
-        pieces = []
+        pieces, axis_step = [], None
         for o in range(k):
             start = o * spec.dilations[d]
             end = start - spec.extents[d] if spec.extents[d] > start else INT64_MAX
-            pieces.append(em.op("Slice", [x, em.ints(f"start_{o}", [start]),
-                                          em.ints(f"end_{o}", [end]),
-                                          em.ints(f"axis_{axis}", [axis]),
-                                          em.ints(f"step_{spec.strides[d]}", [spec.strides[d]])],
-                                f"axis{d}_tap_{o}"))
+            bounds = [em.ints(f"start_{o}", [start]), em.ints(f"end_{o}", [end])]
+            if axis_step is None:  # after the first bounds, so constants keep their order
+                axis_step = [em.ints(f"axis_{axis}", [axis]),
+                             em.ints(f"step_{spec.strides[d]}", [spec.strides[d]])]
+            pieces.append(em.op("Slice", [x, *bounds, *axis_step], f"axis{d}_tap_{o}"))
         x = pieces[0] if k == 1 else em.op("Concat", pieces, f"axis{d}_taps", axis=channel_axis)
     return x
 

@@ -28,11 +28,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_convfc import RewriteOptions, rewrite_model
-from onnx_convfc.bench import DEFAULT_THREADS, compare_models, make_session, parse_threads
+from onnx_convfc.bench import (
+    DEFAULT_THREADS,
+    LIGHT_MODELS,
+    compare_models,
+    make_session,
+    parse_threads,
+)
 from onnx_convfc.inputs import plan_feeds
 from onnx_convfc.options import parse_input_shape
-
-LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 BASELINE_CHILD = """
 import sys, onnx
@@ -90,7 +94,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     scratch = tempfile.TemporaryDirectory()
-    paths = list(args.models) + [LIGHT / f"light_{name}.onnx" for name in args.light]
+    paths = list(args.models) + [LIGHT_MODELS / f"light_{name}.onnx" for name in args.light]
     paths += [conv_file(text, Path(scratch.name)) for text in args.conv]
     summary: dict[int, list[tuple[float, float]]] = {}
     for path in paths:

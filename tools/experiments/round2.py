@@ -54,14 +54,14 @@ def conv(c: int, m: int, size: int, k: int, stride: int, group: int = 1,
     return _model([node], {"w": w, "b": b}, [1, c, size, size]), w, b
 
 
-def _geometry(c: int, size: int, k: int, stride: int) -> tuple[int, int, int]:
+def _geometry(size: int, k: int, stride: int) -> tuple[int, int, int]:
     p = k // 2
     padded = size + 2 * p
     return p, padded, (padded - k) // stride + 1
 
 
 def chunked_form(c, m, size, k, stride, w, b, chunk_bytes) -> onnx.ModelProto:
-    p, padded, out = _geometry(c, size, k, stride)
+    p, padded, out = _geometry(size, k, stride)
     taps = k * k
     oh, ow = np.meshgrid(np.arange(out), np.arange(out), indexing="ij")
     ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
@@ -88,7 +88,7 @@ def chunked_form(c, m, size, k, stride, w, b, chunk_bytes) -> onnx.ModelProto:
 
 
 def outside_form(c, m, size, k, stride, w, b) -> onnx.ModelProto:
-    p, padded, out = _geometry(c, size, k, stride)
+    p, padded, out = _geometry(size, k, stride)
     taps = k * k
     oh, ow = np.meshgrid(np.arange(out), np.arange(out), indexing="ij")
     ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
@@ -111,7 +111,7 @@ def outside_form(c, m, size, k, stride, w, b) -> onnx.ModelProto:
 
 
 def banded_form(c, m, size, k, stride, w, b) -> onnx.ModelProto:
-    p, padded, out = _geometry(c, size, k, stride)
+    p, padded, out = _geometry(size, k, stride)
     band = np.zeros((k, c, padded, out, m), np.float32)
     for i in range(k):
         for j in range(k):

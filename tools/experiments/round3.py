@@ -32,14 +32,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_convfc import RewriteOptions, rewrite_model
-from onnx_convfc.bench import compare_models, make_session
+from onnx_convfc.batchnorm import as_affine
+from onnx_convfc.bench import LIGHT_MODELS, compare_models, make_session
 from onnx_convfc.emit import Emitter
 from onnx_convfc.inputs import plan_feeds
 from onnx_convfc.lowering import depthwise, patches, pointwise
 from onnx_convfc.lowering.taps import tap_slices
 from onnx_convfc.options import parse_input_shape
+from onnx_convfc.profile import MARKER
 
-LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh"}
 
 
@@ -54,7 +55,7 @@ def _hoist_activations(model: onnx.ModelProto) -> None:
     for act in [n for n in graph.node if n.op_type in ACTIVATIONS]:
         chain, node = [], producer.get(act.input[0])
         while node is not None and node.op_type in ("Transpose", "Reshape") \
-                and "/convfc/" in node.name and readers[node.output[0]] == 1:
+                and MARKER in node.name and readers[node.output[0]] == 1:
             chain.append(node)
             node = producer.get(node.input[0])
         if not chain or node is None or "AddBias" not in node.name \
@@ -73,13 +74,11 @@ def _affine_bns_and_channels_last_concats(model: onnx.ModelProto) -> None:
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     nodes = []
     for n in graph.node:
-        if n.op_type != "BatchNormalization" or not all(i in inits for i in n.input[1:]):
+        bn = as_affine(n, inits.get, np.float32) if n.op_type == "BatchNormalization" else None
+        if bn is None:
             nodes.append(n)
             continue
-        gamma, beta, mean, var = (inits[i].astype(np.float64) for i in n.input[1:])
-        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
-        scale = gamma / np.sqrt(var + eps)
-        for what, value in (("scale", scale), ("shift", beta - mean * scale)):
+        for what, value in (("scale", bn.scale), ("shift", bn.shift)):
             graph.initializer.append(numpy_helper.from_array(
                 value.astype(np.float32).reshape(-1, 1, 1), f"{n.name}/{what}"))
         nodes += [helper.make_node("Mul", [n.input[0], f"{n.name}/scale"], [f"{n.name}/m"]),
@@ -184,7 +183,7 @@ def main() -> int:
                         type=parse_input_shape, metavar="NAME:DxD..")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
-    for path in list(args.models) + [LIGHT / f"light_{name}.onnx" for name in args.light]:
+    for path in list(args.models) + [LIGHT_MODELS / f"light_{name}.onnx" for name in args.light]:
         model = onnx.load(str(path))
         names = {i.name for i in model.graph.input}
         options = RewriteOptions(method=args.method, input_shapes=tuple(
